@@ -1,0 +1,58 @@
+"""Where a job's events and result tensors land: ``metrics.jsonl`` (one JSON object per line: rounds,
+evals, checkpoints, state changes, membership) and safetensors files written atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import save_file
+from torch import Tensor
+
+
+def read_events(path: Path) -> list[dict[str, Any]]:
+    """All complete events of a metrics log (a torn last line from a crash is ignored)."""
+    events: list[dict[str, Any]] = []
+    if not path.exists():
+        return events
+    for line in path.read_text().splitlines():
+        try:
+            events.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return events
+
+
+class MetricsLog:
+    """Append-only JSON lines. On resume, events from rounds at or after the checkpoint's round are
+    dropped first, so the log reads like one uninterrupted run."""
+
+    def __init__(self, path: Path, keep_below_round: int = 0) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if keep_below_round > 0 and self.path.exists():
+            kept = [e for e in read_events(self.path) if e.get("round", -1) < keep_below_round]
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text("".join(json.dumps(e) + "\n" for e in kept))
+            tmp.replace(self.path)
+        elif keep_below_round == 0 and self.path.exists():
+            self.path.unlink()
+        self._file = self.path.open("a")
+
+    def write(self, event: dict[str, Any]) -> None:
+        self._file.write(json.dumps(event) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def save_tensors(path: Path, tensors: dict[str, Tensor]) -> None:
+    """safetensors via a temporary name and rename: readers never see half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+    with tmp.open("rb") as f:
+        os.fsync(f.fileno())
+    tmp.replace(path)

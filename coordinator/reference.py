@@ -1,0 +1,53 @@
+"""The reference update rules (DESIGN.md section 3), streaming: memory grows with the model, not
+with the number of workers.
+
+``SyncMean`` keeps a float64 running sum as reports arrive, so the mean does not depend on the order
+in which workers report (float32 inputs add exactly in float64 for weights of similar magnitude) and
+resumed runs reproduce uninterrupted ones bit for bit.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+class SyncMean:
+    """xbar_next = mean of the reported coupled averages, plus their spread around it."""
+
+    def __init__(self) -> None:
+        self._sum: Tensor | None = None
+        self._sq_norms = 0.0
+        self._dtype = torch.float32
+        self.count = 0
+
+    def add(self, mu: Tensor) -> None:
+        mu64 = mu.detach().reshape(-1).to(torch.float64)
+        if self._sum is None:
+            self._sum = mu64.clone()
+            self._dtype = mu.dtype
+        else:
+            self._sum.add_(mu64)
+        self._sq_norms += float(mu64.dot(mu64))
+        self.count += 1
+
+    def mean(self) -> Tensor:
+        if self._sum is None or self.count == 0:
+            raise ValueError("no coupled averages were reported for this round")
+        return (self._sum / self.count).to(self._dtype)
+
+    def consensus_distance(self) -> float:
+        """RMS distance of the coupled averages to their mean: sqrt(mean ||mu_a||^2 - ||mean||^2)."""
+        if self._sum is None or self.count == 0:
+            return 0.0
+        mean = self._sum / self.count
+        spread = self._sq_norms / self.count - float(mean.dot(mean))
+        return max(spread, 0.0) ** 0.5
+
+
+def elastic_pull_(reference: Tensor, mu: Tensor, beta: float) -> float:
+    """Async (EASGD-style): ``xbar += beta (mu - xbar)``; returns ||mu - xbar|| before the pull."""
+    diff = mu.reshape(-1).to(reference.dtype) - reference
+    distance = float(diff.norm())
+    reference.add_(diff, alpha=beta)
+    return distance

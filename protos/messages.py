@@ -1,0 +1,101 @@
+"""The worker <-> coordinator contract in Python form, shared by every transport.
+
+The gRPC proto mirrors these types; the in-process transport passes them directly. Tensors here
+are flat CPU (or device) tensors; transports own copying and encoding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from torch import Tensor
+
+from protos.spec import JobSpec
+
+
+@dataclass(frozen=True)
+class RoundValues:
+    """What the coordinator computes for round ``round`` (DESIGN.md section 3, schedules)."""
+
+    round: int
+    gamma: float
+    rho: float
+    lr: float
+    epoch: float
+
+
+@dataclass(frozen=True)
+class Directives:
+    """Duties the coordinator hands out with a round's result."""
+
+    evaluate: bool = False  # evaluate the new reference and report_eval it
+    checkpoint: bool = False  # report_state this replica after the elastic step
+    stop: bool = False  # the job is over (finished, cancelled or failed): leave
+    export: bool = False  # with evaluate: also send the reference model's state dict
+
+
+@dataclass(frozen=True)
+class JoinGrant:
+    worker_id: str
+    job_id: str
+    replica: int
+    spec: JobSpec
+    values: RoundValues  # the round this worker runs first
+    start: Tensor | None  # the reference to start from; None: initialise from seed + replica
+    replica_state: dict[str, Tensor] | None = None  # exact state saved in a checkpoint (resume)
+    lease_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class RoundStats:
+    """What a worker says about its chain alongside the coupled average."""
+
+    train_loss: float
+    inner_steps: int
+    samples: int
+    chain_seconds: float
+
+
+@dataclass(frozen=True)
+class ExchangeReply:
+    closed_round: int  # the round this reference closes
+    reference: Tensor  # xbar_next
+    next_values: RoundValues
+    directives: Directives = field(default_factory=Directives)
+
+
+@dataclass(frozen=True)
+class EvalReport:
+    round: int  # the reference evaluated is the one that closed this round
+    epoch: float
+    results: dict[str, tuple[float, float]]  # split -> (loss, error fraction)
+    model_state: dict[str, Tensor] | None = None  # reference model state dict when exported
+
+
+class CoordinatorError(RuntimeError):
+    """A request the coordinator refused; ``code`` mirrors the gRPC status (see DESIGN.md section 4)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class JobEndpoint(Protocol):
+    """What a transport needs from one job's coordinator side (``coordinator.job.Job`` implements it)."""
+
+    def join(self, name: str, device: str, want_replica: int | None = None) -> JoinGrant: ...
+
+    def exchange(
+        self, worker_id: str, round: int, mu: Tensor, stats: RoundStats, timeout: float | None = None
+    ) -> ExchangeReply: ...
+
+    def heartbeat(self, worker_id: str) -> bool: ...
+
+    def report_eval(self, worker_id: str, report: EvalReport) -> None: ...
+
+    def report_state(self, worker_id: str, round: int, state: dict[str, Tensor]) -> None: ...
+
+    def fail(self, worker_id: str, reason: str) -> None: ...
+
+    def leave(self, worker_id: str) -> None: ...

@@ -1,0 +1,111 @@
+"""The worker's half of DESIGN.md section 3 as pure, in-place functions over flat tensors.
+
+Every state (replica x, live weights y, coupled average mu, momentum buffers, gradient) is one flat
+contiguous tensor, so each rule below is a handful of fused ops regardless of how many parameter
+tensors the model has. Both the worker loop and the ``EntropySGD`` optimizer call these kernels.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class ChainHyper:
+    """Hyperparameters of one Langevin chain (gamma is this round's scoped value)."""
+
+    gamma: float
+    inner_lr: float
+    inner_momentum: float
+    noise: float
+    beta1: float
+    weight_decay: float
+
+
+@dataclass(frozen=True)
+class OuterHyper:
+    """Hyperparameters of the replica's elastic step (rho and lr are this round's values)."""
+
+    lr: float
+    rho: float
+    momentum: float
+    nesterov: bool
+
+
+def momentum_(direction: Tensor, buf: Tensor, momentum: float, nesterov: bool, first: bool) -> Tensor:
+    """torch.optim.SGD's momentum with dampening 0, in place on ``direction``.
+
+    ``buf = m * buf + d`` (``buf = d`` on the first step); Nesterov returns ``d + m * buf``,
+    heavy ball returns ``buf``.
+    """
+    if momentum == 0.0:
+        return direction
+    if first:
+        buf.copy_(direction)
+    else:
+        buf.mul_(momentum).add_(direction)
+    if nesterov:
+        return direction.add_(buf, alpha=momentum)
+    return direction.copy_(buf)
+
+
+def start_chain_(x: Tensor, y: Tensor, mu: Tensor) -> None:
+    """y = x, mu = x: the chain is anchored at the replica's weights."""
+    y.copy_(x)
+    mu.copy_(x)
+
+
+def langevin_step_(
+    y: Tensor,
+    grad: Tensor,
+    x: Tensor,
+    mu: Tensor,
+    inner_buf: Tensor,
+    hp: ChainHyper,
+    first: bool,
+    generator: torch.Generator | None = None,
+) -> None:
+    """One inner step. ``grad`` holds grad f_B(y) on entry and is used as scratch.
+
+    g  = grad + wd * y + gamma * (y - x)
+    g  = nesterov(g, inner_momentum)
+    y -= inner_lr * g - noise * sqrt(2 inner_lr) * N(0, I)
+    mu = beta1 * mu + (1 - beta1) * y
+    """
+    g = grad
+    coupling = hp.weight_decay + hp.gamma
+    if coupling != 0.0:
+        g.add_(y, alpha=coupling)
+    if hp.gamma != 0.0:
+        g.sub_(x, alpha=hp.gamma)
+    g = momentum_(g, inner_buf, hp.inner_momentum, nesterov=True, first=first)
+    y.sub_(g, alpha=hp.inner_lr)
+    if hp.noise > 0.0:
+        eps = torch.randn(y.shape, dtype=y.dtype, device=y.device, generator=generator)
+        y.add_(eps, alpha=hp.noise * math.sqrt(2.0 * hp.inner_lr))
+    mu.lerp_(y, 1.0 - hp.beta1)
+
+
+def local_entropy_gradient_(x: Tensor, mu: Tensor) -> Tensor:
+    """``x - mu`` written into ``mu`` (the local-entropy gradient divided by gamma)."""
+    return torch.sub(x, mu, out=mu)
+
+
+def gradient_direction_(grad: Tensor, x: Tensor, weight_decay: float) -> Tensor:
+    """The L = 0 path: ``grad f_B(x) + wd * x`` in place on ``grad``."""
+    if weight_decay != 0.0:
+        grad.add_(x, alpha=weight_decay)
+    return grad
+
+
+def elastic_step_(x: Tensor, local: Tensor, xbar: Tensor, outer_buf: Tensor, hp: OuterHyper, first: bool) -> None:
+    """``d = local + rho (x - xbar); d = momentum(d); x -= lr d``. ``local`` is overwritten."""
+    d = local
+    if hp.rho != 0.0:
+        d.add_(x, alpha=hp.rho).sub_(xbar, alpha=hp.rho)
+    d = momentum_(d, outer_buf, hp.momentum, hp.nesterov, first)
+    x.sub_(d, alpha=hp.lr)

@@ -1,0 +1,261 @@
+"""The worker loop: one replica, any transport (DESIGN.md section 3, worker side).
+
+    join -> [chain -> exchange -> elastic step -> duties (checkpoint, evaluate)] * rounds -> leave
+
+The same loop runs in the local runtime's threads, in ``parle worker`` processes and in Ray actors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from protos.messages import CoordinatorError, EvalReport, ExchangeReply, JoinGrant, RoundStats, RoundValues
+from protos.spec import JobSpec, train_size
+from worker.flat import FlatParameters
+from worker.kernels import ChainHyper, OuterHyper
+from worker.replica import ReplicaState
+from worker.transports import WorkerTransport
+from worker.workloads import (
+    BatchSampler,
+    WorkloadError,
+    build_model,
+    evaluate,
+    load_dataset,
+    reestimate_batchnorm,
+    shard_indices,
+)
+
+log = logging.getLogger(__name__)
+
+# Serialises the replicas of one process in replica order (local runtime), so that the global RNG
+# (dropout) is used in a fixed order and runs are reproducible. A process with one replica needs none.
+Turns = Callable[[int], AbstractContextManager[None]]
+
+
+def no_turns(replica: int) -> AbstractContextManager[None]:
+    return contextlib.nullcontext()
+
+
+def replica_seed(seed: int, replica: int, stream: int) -> int:
+    """Independent, reproducible seeds per (job seed, replica, purpose)."""
+    return (seed * 1_000_003 + replica * 7919 + stream * 104_729) % (2**63)
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+@dataclass
+class Workload:
+    """A replica's model, flat parameters, data and sampler, built from the job spec."""
+
+    model: nn.Module
+    flat: FlatParameters
+    sampler: BatchSampler
+    train_x: Tensor
+    train_y: Tensor
+    test_x: Tensor
+    test_y: Tensor
+
+    @classmethod
+    def build(cls, spec: JobSpec, replica: int, device: torch.device) -> Workload:
+        data = load_dataset(spec.data, seed=spec.seed)
+        expected = train_size(spec.data)
+        if data.train_x.shape[0] != expected:
+            raise WorkloadError(
+                f"data.root: {spec.data.name} has {data.train_x.shape[0]} training samples, expected {expected}"
+            )
+        data = data.to(device)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(replica_seed(spec.seed, replica, 0))  # different initialisation per replica
+            model = build_model(spec.model, data.input_shape, data.num_classes).to(device)
+        shard = shard_indices(expected, replica, spec.replicas, spec.data.frac, spec.seed)
+        sampler = BatchSampler(
+            shard, data.train_x, data.train_y, spec.data.batch_size, spec.seed, replica, spec.data.augment
+        )
+        flat = FlatParameters(model.parameters())
+        return cls(model, flat, sampler, data.train_x, data.train_y, data.test_x, data.test_y)
+
+
+class ReplicaRng:
+    """A replica's own random streams: the chain's noise generator and the global RNG (dropout).
+
+    The global stream is swapped in around the replica's compute, so replicas that share a process
+    do not consume each other's random numbers, and both streams are saved in checkpoints."""
+
+    def __init__(self, seed: int, replica: int, device: torch.device) -> None:
+        self.device = device
+        self.noise = torch.Generator(device=device)
+        self.noise.manual_seed(replica_seed(seed, replica, 1))
+        with torch.random.fork_rng(devices=self._cuda()):
+            torch.manual_seed(replica_seed(seed, replica, 2))
+            self._global = self._get()
+
+    def _cuda(self) -> list[torch.device]:
+        return [self.device] if self.device.type == "cuda" else []
+
+    def _get(self) -> list[Tensor]:
+        states = [torch.get_rng_state()]
+        if self.device.type == "cuda":
+            states.append(torch.cuda.get_rng_state(self.device))
+        return states
+
+    def _set(self, states: list[Tensor]) -> None:
+        torch.set_rng_state(states[0])
+        if self.device.type == "cuda":
+            torch.cuda.set_rng_state(states[1], self.device)
+
+    @contextlib.contextmanager
+    def scope(self) -> Iterator[None]:
+        outer = self._get()
+        self._set(self._global)
+        try:
+            yield
+        finally:
+            self._global = self._get()
+            self._set(outer)
+
+    def state(self) -> dict[str, Tensor]:
+        out = {"rng_noise": self.noise.get_state(), "rng_global": self._global[0]}
+        if len(self._global) > 1:
+            out["rng_global_cuda"] = self._global[1]
+        return out
+
+    def load_state(self, state: dict[str, Tensor]) -> None:
+        self.noise.set_state(state["rng_noise"])
+        self._global = [state["rng_global"]] + ([state["rng_global_cuda"]] if "rng_global_cuda" in state else [])
+
+
+class WorkerLoop:
+    def __init__(
+        self,
+        transport: WorkerTransport,
+        name: str,
+        device: str = "cpu",
+        want_replica: int | None = None,
+        turns: Turns = no_turns,
+    ) -> None:
+        self.transport = transport
+        self.name = name
+        self.device = torch.device(device)
+        self.want_replica = want_replica
+        self.turns = turns
+        self.rounds_done = 0
+
+    def run(self) -> None:
+        grant = self.transport.join(self.name, str(self.device), self.want_replica)
+        try:
+            self._train(grant)
+        except NonFiniteLoss as err:
+            self.transport.fail(str(err))
+            raise
+        finally:
+            with contextlib.suppress(CoordinatorError):
+                self.transport.leave()
+
+    def _setup(self, grant: JoinGrant) -> None:
+        spec = grant.spec
+        self.spec, self.replica_index = spec, grant.replica
+        self.work = Workload.build(spec, grant.replica, self.device)
+        self.replica = ReplicaState(self.work.flat.data, self.work.flat.grad, spec.optim.L)
+        self.rng = ReplicaRng(spec.seed, grant.replica, self.device)
+        if grant.replica_state is not None:
+            self.load_state(grant.replica_state)
+        elif grant.start is not None:
+            self.replica.load_weights(grant.start.to(self.device))
+        self.prefix = f"[job {grant.job_id} replica {grant.replica}]"
+
+    def _train(self, grant: JoinGrant) -> None:
+        self._setup(grant)
+        values = grant.values
+        while True:
+            with self.turns(self.replica_index), self.rng.scope():
+                mu, stats = self._chain(values)
+            reply = self.transport.exchange(values.round, mu, stats)
+            self._finish(values, reply)
+            self.rounds_done += 1
+            if reply.directives.stop:
+                log.info("%s stopping after round %d", self.prefix, values.round)
+                return
+            values = reply.next_values
+
+    def _chain(self, values: RoundValues) -> tuple[Tensor, RoundStats]:
+        optim = self.spec.optim
+        hp = ChainHyper(values.gamma, optim.inner_lr, optim.inner_momentum, optim.noise, optim.beta1,
+                        optim.weight_decay)  # fmt: skip
+        self.work.model.train()
+        started = time.perf_counter()
+        mu, loss_sum = self.replica.begin_round(self._grad_at_live, hp, self.rng.noise)
+        steps = max(optim.L, 1)
+        mean_loss = float(loss_sum) / steps  # one device sync per round, not per step
+        if not math.isfinite(mean_loss):
+            raise NonFiniteLoss(
+                f"{self.prefix} round {values.round}: training loss is {mean_loss} "
+                f"(lr {values.lr}, inner_lr {optim.inner_lr}); stopping, the last good checkpoint is kept"
+            )
+        elapsed = time.perf_counter() - started
+        return mu, RoundStats(mean_loss, steps, steps * self.spec.data.batch_size, elapsed)
+
+    def _grad_at_live(self) -> Tensor:
+        xb, yb = self.work.sampler.next_batch()
+        self.work.flat.zero_grad()
+        with torch.enable_grad():
+            loss = F.cross_entropy(self.work.model(xb), yb)
+            loss.backward()
+        return loss
+
+    def _finish(self, values: RoundValues, reply: ExchangeReply) -> None:
+        optim = self.spec.optim
+        hp = OuterHyper(values.lr, values.rho, optim.momentum, optim.nesterov)
+        reference = reply.reference.to(self.device, non_blocking=True)
+        with torch.no_grad():
+            self.replica.finish_round(reference, hp)
+        if reply.directives.checkpoint:
+            self.transport.report_state(reply.closed_round + 1, self.state())
+        if reply.directives.evaluate:
+            self.transport.report_eval(self.evaluate_reference(reply, reference))
+
+    def evaluate_reference(self, reply: ExchangeReply, reference: Tensor) -> EvalReport:
+        """Evaluate the reference in this replica's model (BN re-estimated first), then put the
+        replica's own weights back."""
+        work, data = self.work, self.spec.data
+        with torch.no_grad():
+            work.flat.load_(reference)
+            reestimate_batchnorm(work.model, work.train_x, data.batch_size, data.bn_batches)
+            results = {"test": evaluate(work.model, work.test_x, work.test_y, data.test_batch_size)}
+            subset = self.spec.eval.train_subset
+            if subset > 0:
+                results["train"] = evaluate(
+                    work.model, work.train_x[:subset], work.train_y[:subset], data.test_batch_size
+                )
+            exported = None
+            if reply.directives.export:
+                exported = {k: v.detach().cpu().clone() for k, v in work.model.state_dict().items()}
+            work.flat.load_(self.replica.x)
+        log.info("%s eval after round %d: test error %.4f", self.prefix, reply.closed_round, results["test"][1])
+        epoch = reply.next_values.epoch
+        return EvalReport(reply.closed_round, epoch, results, exported)
+
+    def state(self) -> dict[str, Tensor]:
+        sampler = self.work.sampler.state()
+        return {
+            **{k: v.cpu() for k, v in self.replica.state().items()},
+            **self.rng.state(),
+            "sampler": torch.tensor([sampler["epoch"], sampler["position"]], dtype=torch.int64),
+        }
+
+    def load_state(self, state: dict[str, Tensor]) -> None:
+        self.replica.load_state(state)
+        self.rng.load_state(state)
+        epoch, position = (int(v) for v in state["sampler"])
+        self.work.sampler.load_state({"epoch": epoch, "position": position})

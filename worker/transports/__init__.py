@@ -1,0 +1,37 @@
+"""Worker transports: how the worker loop reaches its job's coordinator side.
+
+All of them (in-process, gRPC, Ray) implement ``WorkerTransport`` and pass the shared transport
+test suite (tests/transport_suite.py).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from torch import Tensor
+
+from protos.messages import EvalReport, ExchangeReply, JoinGrant, RoundStats
+
+
+class WorkerTransport(Protocol):
+    """One worker's connection to one job. Calls raise ``protos.messages.CoordinatorError``."""
+
+    def join(self, name: str, device: str, want_replica: int | None = None) -> JoinGrant: ...
+
+    def exchange(self, round: int, mu: Tensor, stats: RoundStats) -> ExchangeReply:
+        """Send the coupled average of ``round``; block until the new reference is known."""
+        ...
+
+    def heartbeat(self) -> bool:
+        """Renew the lease; False once the job is over."""
+        ...
+
+    def report_eval(self, report: EvalReport) -> None: ...
+
+    def report_state(self, round: int, state: dict[str, Tensor]) -> None: ...
+
+    def fail(self, reason: str) -> None: ...
+
+    def leave(self) -> None: ...
+
+    def close(self) -> None: ...
