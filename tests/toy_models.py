@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import torch
 from torch import nn
 
@@ -36,3 +38,22 @@ class _NanAfter(nn.Module):
 
 def nan_after(num_classes: int, input_shape: tuple[int, int, int], after: int = 10) -> nn.Module:
     return _NanAfter(mlp(num_classes, input_shape), after)
+
+
+class _Slow(nn.Module):
+    """Sleeps in every training forward: stretches a run so a test can kill it mid-way."""
+
+    def __init__(self, inner: nn.Module, delay: float) -> None:
+        super().__init__()
+        self.inner, self.delay = inner, delay
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and self.delay > 0:
+            time.sleep(self.delay)
+        return self.inner(x)
+
+
+def slow_mlp(
+    num_classes: int, input_shape: tuple[int, int, int], delay: float = 0.0, dropout: float = 0.2
+) -> nn.Module:
+    return _Slow(mlp(num_classes, input_shape, dropout=dropout), delay)

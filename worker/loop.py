@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
@@ -40,6 +41,11 @@ log = logging.getLogger(__name__)
 # Serialises the replicas of one process in replica order (local runtime), so that the global RNG
 # (dropout) is used in a fixed order and runs are reproducible. A process with one replica needs none.
 Turns = Callable[[int], AbstractContextManager[None]]
+
+
+# torch's global RNG (weight init, dropout) is one per process: replicas sharing a process take this lock
+# whenever they swap in or draw from their own stream.
+GLOBAL_RNG_LOCK = threading.RLock()
 
 
 def no_turns(replica: int) -> AbstractContextManager[None]:
@@ -76,7 +82,7 @@ class Workload:
                 f"data.root: {spec.data.name} has {data.train_x.shape[0]} training samples, expected {expected}"
             )
         data = data.to(device)
-        with torch.random.fork_rng(devices=[]):
+        with GLOBAL_RNG_LOCK, torch.random.fork_rng(devices=[]):
             torch.manual_seed(replica_seed(spec.seed, replica, 0))  # different initialisation per replica
             model = build_model(spec.model, data.input_shape, data.num_classes).to(device)
         shard = shard_indices(expected, replica, spec.replicas, spec.data.frac, spec.seed)
@@ -97,7 +103,7 @@ class ReplicaRng:
         self.device = device
         self.noise = torch.Generator(device=device)
         self.noise.manual_seed(replica_seed(seed, replica, 1))
-        with torch.random.fork_rng(devices=self._cuda()):
+        with GLOBAL_RNG_LOCK, torch.random.fork_rng(devices=self._cuda()):
             torch.manual_seed(replica_seed(seed, replica, 2))
             self._global = self._get()
 
@@ -117,13 +123,14 @@ class ReplicaRng:
 
     @contextlib.contextmanager
     def scope(self) -> Iterator[None]:
-        outer = self._get()
-        self._set(self._global)
-        try:
-            yield
-        finally:
-            self._global = self._get()
-            self._set(outer)
+        with GLOBAL_RNG_LOCK:
+            outer = self._get()
+            self._set(self._global)
+            try:
+                yield
+            finally:
+                self._global = self._get()
+                self._set(outer)
 
     def state(self) -> dict[str, Tensor]:
         out = {"rng_noise": self.noise.get_state(), "rng_global": self._global[0]}
