@@ -47,7 +47,7 @@ def momentum_(direction: Tensor, buf: Tensor, momentum: float, nesterov: bool, f
     if first:
         buf.copy_(direction)
     else:
-        buf.mul_(momentum).add_(direction)
+        torch.add(direction, buf, alpha=momentum, out=buf)  # one pass over memory instead of two
     if nesterov:
         return direction.add_(buf, alpha=momentum)
     return direction.copy_(buf)
