@@ -4,6 +4,7 @@
     parle train --resume RUN_DIR                                continue from the last good checkpoint
     parle eval RUN_DIR [--checkpoint DIR]                       evaluate a run's reference
     parle plot RUN_DIR [RUN_DIR ...] -o curves.png              curves of one or more runs
+    parle coordinator | worker | submit | jobs | status | cancel | download   (see cluster/service_cli.py)
 
 Exit status: 0 success, 1 the job failed, 2 bad input (nothing written), 130 interrupted.
 """
@@ -16,6 +17,8 @@ import logging
 import sys
 from pathlib import Path
 
+from cluster.service_cli import add_service_commands, service_errors
+from protos.messages import CoordinatorError
 from protos.spec import JobSpec, SpecError, load_spec
 
 log = logging.getLogger("parle")
@@ -60,6 +63,7 @@ def _train_spec(args: argparse.Namespace) -> tuple[JobSpec, Path, bool]:
 def cmd_train(args: argparse.Namespace) -> int:
     from cluster.local import run_local
     from cluster.plot import plot_run_dirs
+    from cluster.processes import run_processes
     from cluster.progress import ProgressBar
     from coordinator.schedules import Schedule
 
@@ -69,11 +73,17 @@ def cmd_train(args: argparse.Namespace) -> int:
           f"{schedule.total_rounds} rounds of {schedule.steps_per_round} mini-batches -> {run_dir}")  # fmt: skip
     bar = ProgressBar(schedule.total_rounds, desc=spec.name, enabled=not args.quiet)
     try:
-        result = run_local(spec, run_dir, resume=resume, listeners=[bar])
+        if args.workers > 0:
+            if resume:
+                raise BadInput("--resume runs in-process; drop --workers")
+            state, message = run_processes(spec, run_dir, args.workers, [bar])
+        else:
+            result = run_local(spec, run_dir, resume=resume, listeners=[bar])
+            state, message = result.state, result.message or "; ".join(result.errors)
     finally:
         bar.close()
-    if result.state.value != "succeeded":
-        print(f"parle: job {result.state.value}: {result.message or '; '.join(result.errors)}", file=sys.stderr)
+    if state.value != "succeeded":
+        print(f"parle: job {state.value}: {message}", file=sys.stderr)
         print(f"parle: the last good checkpoint is kept in {run_dir / 'checkpoints'}", file=sys.stderr)
         return EXIT_FAILED
     plot_run_dirs([run_dir], run_dir / "curves.png")
@@ -126,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--run-dir", type=Path, help="where results go (default runs/NAME-TIMESTAMP)")
     train.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue a run from its last good checkpoint")
     train.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    train.add_argument("--workers", type=int, default=0, metavar="N",
+                       help="process mode: a coordinator on a free loopback port and N worker processes")  # fmt: skip
     train.set_defaults(func=cmd_train)
 
     ev = sub.add_parser("eval", help="evaluate a run's reference weights")
@@ -138,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("run_dirs", nargs="+", type=Path)
     plot.add_argument("-o", "--output", type=Path, default=Path("curves.png"))
     plot.set_defaults(func=cmd_plot)
+    add_service_commands(sub)
     return parser
 
 
@@ -152,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("parle: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except (CoordinatorError, ValueError, OSError) as err:
+        return service_errors(err)
 
 
 if __name__ == "__main__":

@@ -106,6 +106,9 @@ class Job:
         self._closed: dict[int, _Closed] = {}
         self._checkpoint: _PendingCheckpoint | None = None
         self._awaiting_eval: int | None = None
+        self._evaluator: str | None = None
+        self.last_train_loss: float | None = None
+        self.last_test_error: float | None = None
         self._saved_states: dict[int, dict[str, Tensor]] = {}
         self.round = 0
         self.reference: Tensor | None = None
@@ -195,15 +198,42 @@ class Job:
             self._member(worker_id)
             return not self.state.terminal
 
-    def leave(self, worker_id: str) -> None:
+    def leave(self, worker_id: str, why: str = "leave") -> None:
         with self._cond:
-            member = self._members.pop(worker_id, None)
-            if member is None:
-                return
-            self._emit({"kind": "member", "event": "leave", "replica": member.replica, "workers": len(self._members)})
-            # The round closes on the live members: one leaving may be the one everyone waited for.
-            if self.spec.optim.mode == "sync" and self._members and self._reported >= set(self._members):
-                self._close_round()
+            self._drop(worker_id, why)
+
+    def expire(self, lease_s: float) -> list[str]:
+        """Drop the members whose lease lapsed (no call for ``lease_s`` seconds); returns their ids."""
+        with self._cond:
+            cutoff = time.monotonic() - lease_s
+            lapsed = [w for w, m in self._members.items() if m.last_seen < cutoff]
+            for worker_id in lapsed:
+                log.warning("job %s: worker %s missed its lease (%.0fs): dropping it", self.job_id, worker_id, lease_s)
+                self._drop(worker_id, "lapse")
+            return lapsed
+
+    def _drop(self, worker_id: str, why: str) -> None:
+        member = self._members.pop(worker_id, None)
+        if member is None:
+            return
+        self._emit({"kind": "member", "event": why, "replica": member.replica, "workers": len(self._members)})
+        if self.state.terminal:
+            return
+        # Duties the member can no longer do must not hold the job up.
+        pending = self._checkpoint
+        if pending is not None and member.replica not in pending.states:
+            pending.expected.discard(member.replica)
+            if set(pending.states) >= pending.expected:
+                self._write_checkpoint(pending)
+                self._checkpoint = None
+        if self._evaluator == worker_id:
+            self._awaiting_eval, self._evaluator = None, None
+        self._reported.discard(worker_id)
+        # The round closes on the live members: the one leaving may be the one everyone waited for.
+        if self.spec.optim.mode == "sync" and self._members and self._reported >= set(self._members):
+            self._close_round()
+        self._maybe_finish()
+        self._cond.notify_all()
 
     def fail(self, worker_id: str, reason: str) -> None:
         with self._cond:
@@ -215,6 +245,10 @@ class Job:
         with self._cond:
             if not self.state.terminal:
                 self._set_state(JobState.CANCELLED, "cancelled by user")
+
+    @property
+    def live_workers(self) -> int:
+        return len(self._members)
 
     def wait(self, timeout: float | None = None) -> JobState:
         with self._cond:
@@ -305,7 +339,8 @@ class Job:
                 self._write_checkpoint(self._checkpoint)
                 self._checkpoint = None
         if evaluator is not None:
-            self._awaiting_eval = k
+            self._awaiting_eval, self._evaluator = k, evaluator
+        self.last_train_loss = sum(losses) / len(losses)
         self.round = k + 1
         self._sum = SyncMean()
         self._reported = set()
@@ -341,6 +376,8 @@ class Job:
     def report_eval(self, worker_id: str, report: EvalReport) -> None:
         with self._cond:
             self._member(worker_id)
+            if "test" in report.results:
+                self.last_test_error = report.results["test"][1]
             for split, (loss, error) in report.results.items():
                 self._emit(
                     {
@@ -355,7 +392,7 @@ class Job:
             if report.model_state is not None:
                 save_tensors(self.directory / "final.safetensors", report.model_state)
             if self._awaiting_eval == report.round:
-                self._awaiting_eval = None
+                self._awaiting_eval, self._evaluator = None, None
             self._maybe_finish()
 
     def report_state(self, worker_id: str, round: int, state: dict[str, Tensor]) -> None:

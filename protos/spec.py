@@ -164,6 +164,13 @@ class CheckpointSpec(_Strict):
     keep: int = Field(3, ge=1)
 
 
+class RuntimeSpec(_Strict):
+    """How the job's parts talk (service runtimes; the local runtime ignores it)."""
+
+    compression: Literal["none", "fp16", "bf16"] = Field("none", description="exchanged tensors on the wire")
+    lease_s: float = Field(30.0, gt=0.0, description="a worker silent this long leaves its round")
+
+
 class JobSpec(_Strict):
     name: str = "parle"
     preset: Literal["sgd", "entropy-sgd", "elastic-sgd", "parle", "easgd"] = "parle"
@@ -177,6 +184,7 @@ class JobSpec(_Strict):
     optim: OptimSpec = Field(default_factory=OptimSpec)
     eval: EvalSpec = Field(default_factory=EvalSpec)
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
+    runtime: RuntimeSpec = Field(default_factory=RuntimeSpec)
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -143,7 +143,17 @@ class ReplicaRng:
         self._global = [state["rng_global"]] + ([state["rng_global_cuda"]] if "rng_global_cuda" in state else [])
 
 
+# Errors after which a worker joins again: the coordinator restarted (it no longer knows this worker),
+# the worker missed its lease or a round, or the connection dropped.
+REJOIN_CODES = frozenset({"UNAVAILABLE", "NOT_FOUND", "FAILED_PRECONDITION", "DEADLINE_EXCEEDED", "ABORTED"})
+
+
 class WorkerLoop:
+    """Runs replicas for a coordinator until the job ends.
+
+    ``serve_forever``: a pool worker; after a job ends it asks for the next one. ``reconnect_s``: how long
+    to keep retrying while the coordinator is unreachable (0: fail at once)."""
+
     def __init__(
         self,
         transport: WorkerTransport,
@@ -151,24 +161,69 @@ class WorkerLoop:
         device: str = "cpu",
         want_replica: int | None = None,
         turns: Turns = no_turns,
+        serve_forever: bool = False,
+        reconnect_s: float = 0.0,
     ) -> None:
         self.transport = transport
         self.name = name
         self.device = torch.device(device)
         self.want_replica = want_replica
         self.turns = turns
+        self.serve_forever = serve_forever
+        self.reconnect_s = reconnect_s
         self.rounds_done = 0
+        self.joins = 0
+        self.prefix = f"[{name}]"
+        self._stop = threading.Event()
+
+    def stop(self) -> None:
+        """Ask the loop to end after the current round (e.g. on SIGTERM)."""
+        self._stop.set()
 
     def run(self) -> None:
-        grant = self.transport.join(self.name, str(self.device), self.want_replica)
-        try:
-            self._train(grant)
-        except NonFiniteLoss as err:
-            self.transport.fail(str(err))
-            raise
-        finally:
+        while not self._stop.is_set():
+            grant = self._join()
+            if grant is None:
+                return
+            try:
+                self._train(grant)
+            except NonFiniteLoss as err:
+                with contextlib.suppress(CoordinatorError):
+                    self.transport.fail(str(err))
+                raise
+            except CoordinatorError as err:
+                if err.code not in REJOIN_CODES:
+                    raise
+                log.warning("%s lost its place (%s: %s): joining again", self.prefix, err.code, err)
+                with contextlib.suppress(CoordinatorError):
+                    self.transport.leave()
+                continue
             with contextlib.suppress(CoordinatorError):
                 self.transport.leave()
+            if not self.serve_forever:
+                return
+
+    def _join(self) -> JoinGrant | None:
+        """Join with exponential backoff while the coordinator is unreachable or has no work.
+        None: the job is over (after a first successful join) or the loop was stopped."""
+        delay, give_up = 0.1, time.monotonic() + self.reconnect_s
+        while not self._stop.is_set():
+            try:
+                grant = self.transport.join(self.name, str(self.device), self.want_replica)
+                self.joins += 1
+                return grant
+            except CoordinatorError as err:
+                over = err.code in ("FAILED_PRECONDITION", "NOT_FOUND") and self.joins > 0
+                if over and not self.serve_forever:
+                    log.info("%s: the job is over (%s)", self.name, err)
+                    return None
+                retry = err.code == "UNAVAILABLE" or over
+                if not retry or (time.monotonic() >= give_up and not self.serve_forever):
+                    raise
+                log.info("%s: cannot join yet (%s); retrying in %.1fs", self.name, err, delay)
+                self._stop.wait(delay)
+                delay = min(delay * 2, 5.0)
+        return None
 
     def _setup(self, grant: JoinGrant) -> None:
         spec = grant.spec
@@ -180,7 +235,7 @@ class WorkerLoop:
             self.load_state(grant.replica_state)
         elif grant.start is not None:
             self.replica.load_weights(grant.start.to(self.device))
-        self.prefix = f"[job {grant.job_id} replica {grant.replica}]"
+        self.prefix = f"[job {grant.job_id} replica {grant.replica} {grant.worker_id}]"
 
     def _train(self, grant: JoinGrant) -> None:
         self._setup(grant)
@@ -191,7 +246,7 @@ class WorkerLoop:
             reply = self.transport.exchange(values.round, mu, stats)
             self._finish(values, reply)
             self.rounds_done += 1
-            if reply.directives.stop:
+            if reply.directives.stop or self._stop.is_set():
                 log.info("%s stopping after round %d", self.prefix, values.round)
                 return
             values = reply.next_values

@@ -1,0 +1,109 @@
+"""The jobs client: what `parle submit / jobs / status / cancel / download` send to a coordinator."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+
+from protos import parle_pb2 as pb
+from protos import parle_pb2_grpc as pb_grpc
+from protos.wire import JOB_STATE_NAMES, receive_tensors
+from worker.transports.grpc import call, open_channel
+
+ARTIFACTS = {"reference": pb.ARTIFACT_REFERENCE, "checkpoint": pb.ARTIFACT_CHECKPOINT, "model": pb.ARTIFACT_MODEL}
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where the coordinator is and how to prove who we are; flags win over the environment."""
+
+    address: str
+    token: str | None = None
+    ca_cert: Path | None = None
+
+    @classmethod
+    def resolve(cls, address: str | None, token_file: Path | None, ca_cert: Path | None) -> Endpoint:
+        from coordinator.auth import read_token
+
+        address = address or os.environ.get("PARLE_COORDINATOR")
+        if not address:
+            raise ValueError("--coordinator: no address given (or set PARLE_COORDINATOR=HOST:PORT)")
+        token = read_token(token_file) or os.environ.get("PARLE_TOKEN") or None
+        return cls(address, token, ca_cert)
+
+
+def describe(info: pb.JobInfo) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "id": info.id,
+        "name": info.name,
+        "state": JOB_STATE_NAMES.get(info.state, "unknown"),
+        "round": info.round,
+        "total_rounds": info.total_rounds,
+        "epoch": round(info.epoch, 3),
+        "replicas": info.replicas,
+        "live_workers": info.live_workers,
+        "message": info.message,
+    }
+    if info.HasField("last_train_loss"):
+        out["train_loss"] = info.last_train_loss
+    if info.HasField("last_test_error"):
+        out["test_error"] = info.last_test_error
+    return out
+
+
+class JobsClient:
+    def __init__(self, endpoint: Endpoint, timeout_s: float = 30.0) -> None:
+        self.channel = open_channel(endpoint.address, endpoint.ca_cert)
+        self.stub = pb_grpc.JobsStub(self.channel)
+        self.metadata = [("authorization", f"Bearer {endpoint.token}")] if endpoint.token else []
+        self.timeout_s = timeout_s
+
+    def submit(self, spec_yaml: str) -> str:
+        request = pb.SubmitRequest(spec_yaml=spec_yaml)
+        reply = call(lambda: self.stub.Submit(request, metadata=self.metadata, timeout=self.timeout_s))
+        return str(reply.job_id)
+
+    def get(self, job_id: str) -> pb.JobInfo:
+        return call(lambda: self.stub.Get(pb.GetRequest(job_id=job_id), metadata=self.metadata, timeout=self.timeout_s))
+
+    def list(self) -> list[pb.JobInfo]:
+        reply = call(lambda: self.stub.List(pb.ListRequest(), metadata=self.metadata, timeout=self.timeout_s))
+        return list(reply.jobs)
+
+    def cancel(self, job_id: str) -> pb.JobInfo:
+        request = pb.CancelRequest(job_id=job_id)
+        return call(lambda: self.stub.Cancel(request, metadata=self.metadata, timeout=self.timeout_s)).job
+
+    def watch(self, job_id: str) -> Iterator[pb.JobEvent]:
+        stream = call(lambda: self.stub.Watch(pb.WatchRequest(job_id=job_id), metadata=self.metadata))
+        while True:
+            event = call(lambda: next(stream, None))
+            if event is None:
+                return
+            yield event
+
+    def download(self, job_id: str, what: str = "reference") -> tuple[dict[str, Tensor], dict[str, Any]]:
+        request = pb.DownloadRequest(job_id=job_id, what=ARTIFACTS[what])
+
+        def run() -> tuple[dict[str, Tensor], dict[str, Any]]:
+            stream = self.stub.Download(request, metadata=self.metadata, timeout=max(self.timeout_s, 600))
+            head = next(stream).header
+            tensors = receive_tensors(head.tensors, stream, context=f"download of {job_id}")
+            return tensors, json.loads(head.manifest_json or "{}")
+
+        return call(run)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> JobsClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,64 @@
+"""`parle train CONFIG --workers N`: a coordinator on a free loopback port in this process and N
+`parle worker` processes, all stopped when the job ends or on Ctrl-C. The run directory is the job's."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import secrets
+import subprocess
+import sys
+from pathlib import Path
+
+from coordinator.job import JobState, Listener
+from coordinator.server import CoordinatorServer
+from protos.spec import JobSpec
+
+log = logging.getLogger(__name__)
+
+
+def worker_command(address: str, job_id: str, index: int, device: str, threads: int) -> list[str]:
+    return [
+        sys.executable, "-m", "cluster.cli", "worker", "--coordinator", address, "--job", job_id,
+        "--name", f"worker-{index}", "--replica", str(index), "--device", device, "--threads", str(threads),
+    ]  # fmt: skip
+
+
+def reap(procs: list[subprocess.Popen[bytes]], grace_s: float = 10.0) -> None:
+    """Terminate, wait, then kill whatever is left: no orphan workers."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def run_processes(spec: JobSpec, run_dir: Path, workers: int, listeners: list[Listener]) -> tuple[JobState, str]:
+    token = secrets.token_hex(16)
+    env = {**os.environ, "PARLE_TOKEN": token}
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    server = CoordinatorServer(run_dir / ".coordinator", listen="127.0.0.1:0", token=token)
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        job_id = server.manager.submit(spec, directory=run_dir)
+        job = server.manager.job(job_id)
+        job.listeners.extend(listeners)
+        log.info("job %s on %s with %d worker processes", job_id, server.address, workers)
+        for i in range(workers):
+            procs.append(subprocess.Popen(worker_command(server.address, job_id, i, spec.device, threads), env=env))
+        while job.wait(timeout=1.0) not in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED):
+            if all(p.poll() is not None for p in procs):
+                job.fail("all", "every worker process exited before the job finished")
+        return job.state, job.message
+    except KeyboardInterrupt:
+        with contextlib.suppress(Exception):
+            server.manager.cancel(job_id)
+        raise
+    finally:
+        reap(procs)
+        server.close()

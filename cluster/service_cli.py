@@ -1,0 +1,215 @@
+"""The service commands of the ``parle`` CLI: a standing coordinator, pool workers, and the jobs client.
+
+    parle coordinator --listen 127.0.0.1:50051 --state-dir DIR [--token-file F] [--tls-cert F --tls-key F]
+    parle worker --coordinator HOST:PORT [--job ID] [--device cpu|cuda|cuda:N] [--token-file F]
+    parle submit CONFIG | jobs | status ID [--watch] | cancel ID | download ID -o FILE   (--coordinator ADDR)
+
+Addresses and tokens also come from PARLE_COORDINATOR and PARLE_TOKEN.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+from types import FrameType
+
+from protos.messages import CoordinatorError
+
+log = logging.getLogger("parle")
+
+
+def _client_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--coordinator", metavar="HOST:PORT", help="default: $PARLE_COORDINATOR")
+    parser.add_argument("--token-file", type=Path, help="file holding the token (default: $PARLE_TOKEN)")
+    parser.add_argument("--ca-cert", type=Path, help="CA certificate to verify a TLS coordinator")
+
+
+def _client(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from cluster.client import Endpoint, JobsClient
+
+    return JobsClient(Endpoint.resolve(args.coordinator, args.token_file, args.ca_cert))
+
+
+def _on_signals(stop: threading.Event) -> None:
+    def handler(signum: int, frame: FrameType | None) -> None:
+        log.info("signal %d: shutting down", signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+def cmd_coordinator(args: argparse.Namespace) -> int:
+    from coordinator.auth import read_token
+    from coordinator.server import CoordinatorServer
+
+    token = read_token(args.token_file)
+    server = CoordinatorServer(args.state_dir, args.listen, token, args.tls_cert, args.tls_key)
+    if args.metrics_port is not None:
+        from prometheus_client import start_http_server
+
+        start_http_server(args.metrics_port, addr=args.listen.rsplit(":", 1)[0])
+    print(f"parle coordinator listening on {server.address}", flush=True)
+    stop = threading.Event()
+    _on_signals(stop)
+    stop.wait()
+    server.close()
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    import torch
+
+    from cluster.client import Endpoint
+    from worker.loop import WorkerLoop
+    from worker.transports.grpc import GrpcTransport
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    endpoint = Endpoint.resolve(args.coordinator, args.token_file, args.ca_cert)
+    with GrpcTransport(endpoint.address, endpoint.token, endpoint.ca_cert, job_id=args.job) as transport:
+        loop = WorkerLoop(
+            transport, args.name, args.device, want_replica=args.replica,
+            serve_forever=args.job is None, reconnect_s=args.reconnect_s,
+        )  # fmt: skip
+        stop = threading.Event()
+        _on_signals(stop)
+
+        def stop_loop() -> None:
+            stop.wait()
+            loop.stop()
+
+        threading.Thread(target=stop_loop, daemon=True).start()
+        loop.run()
+    return 0
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from protos.spec import load_spec
+
+    spec = load_spec(args.config, args.set)  # validate here: a bad file never reaches the coordinator
+    with _client(args) as client:
+        print(client.submit(spec.to_yaml()))
+    return 0
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from cluster.client import describe
+
+    with _client(args) as client:
+        jobs = [describe(info) for info in client.list()]
+    if args.json:
+        print(json.dumps(jobs, indent=1))
+        return 0
+    print(f"{'ID':<28}{'STATE':<11}{'ROUND':>11}{'EPOCH':>8}{'WORKERS':>9}{'TEST ERR':>10}")
+    for j in jobs:
+        err = f"{100 * j['test_error']:.2f}%" if "test_error" in j else "-"
+        print(f"{j['id']:<28}{j['state']:<11}{j['round']:>5}/{j['total_rounds']:<5}{j['epoch']:>8.2f}"
+              f"{j['live_workers']:>5}/{j['replicas']:<3}{err:>10}")  # fmt: skip
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from cluster.client import describe
+
+    with _client(args) as client:
+        if not args.watch:
+            print(json.dumps(describe(client.get(args.job_id)), indent=1))
+            return 0
+        for event in client.watch(args.job_id):
+            kind = event.WhichOneof("event")
+            if kind == "snapshot":
+                print(json.dumps(describe(event.snapshot)))
+            elif kind == "round":
+                r = event.round
+                line = f"round {r.round} epoch {r.epoch:.2f} loss {r.train_loss:.4f} gamma {r.values.gamma:.3g}"
+                print(f"{line} rho {r.values.rho:.3g} workers {r.contributors} {r.round_seconds:.2f}s", flush=True)
+            elif kind == "eval":
+                e = event.eval.result
+                print(f"eval round {e.round} split {e.split} loss {e.loss:.4f} error {100 * e.error:.2f}%", flush=True)
+            elif kind == "state":
+                print(f"state {event.state.state} {event.state.message}", flush=True)
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    from cluster.client import describe
+
+    with _client(args) as client:
+        print(json.dumps(describe(client.cancel(args.job_id))))
+    return 0
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    from safetensors.torch import save_file
+
+    with _client(args) as client:
+        tensors, manifest = client.download(args.job_id, args.what)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(args.output))
+    at_round = f", round {manifest['round']}" if "round" in manifest else ""
+    print(f"{args.output}: {len(tensors)} tensor(s){at_round}")
+    return 0
+
+
+def add_service_commands(sub: argparse._SubParsersAction) -> None:
+    co = sub.add_parser("coordinator", help="run a standing coordinator (gRPC)")
+    co.add_argument("--listen", default="127.0.0.1:50051", help="HOST:PORT to bind (default loopback)")
+    co.add_argument("--state-dir", type=Path, required=True, help="job registry, checkpoints and results")
+    co.add_argument("--token-file", type=Path, help="require this token from every caller")
+    co.add_argument("--tls-cert", type=Path)
+    co.add_argument("--tls-key", type=Path)
+    co.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
+    co.set_defaults(func=cmd_coordinator)
+
+    wk = sub.add_parser("worker", help="run a worker: one replica at a time for a coordinator")
+    _client_flags(wk)
+    wk.add_argument("--job", help="serve this job and exit when it ends (default: serve any job, forever)")
+    wk.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    wk.add_argument("--name", default=f"worker-{__import__('socket').gethostname()}")
+    wk.add_argument("--replica", type=int, help="ask for this replica index")
+    wk.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    wk.add_argument("--reconnect-s", type=float, default=300.0, help="keep retrying an unreachable coordinator")
+    wk.set_defaults(func=cmd_worker)
+
+    sm = sub.add_parser("submit", help="submit a job; prints its id")
+    sm.add_argument("config", type=Path)
+    sm.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    _client_flags(sm)
+    sm.set_defaults(func=cmd_submit)
+
+    jb = sub.add_parser("jobs", help="list jobs")
+    jb.add_argument("--json", action="store_true")
+    _client_flags(jb)
+    jb.set_defaults(func=cmd_jobs)
+
+    st = sub.add_parser("status", help="a job's state; --watch streams rounds and evals")
+    st.add_argument("job_id")
+    st.add_argument("--watch", action="store_true")
+    _client_flags(st)
+    st.set_defaults(func=cmd_status)
+
+    ca = sub.add_parser("cancel", help="cancel a job (its results are kept)")
+    ca.add_argument("job_id")
+    _client_flags(ca)
+    ca.set_defaults(func=cmd_cancel)
+
+    dl = sub.add_parser("download", help="download a job's reference, last checkpoint or exported model")
+    dl.add_argument("job_id")
+    dl.add_argument("-o", "--output", type=Path, required=True, help="a .safetensors file")
+    dl.add_argument("--what", choices=["reference", "checkpoint", "model"], default="reference")
+    _client_flags(dl)
+    dl.set_defaults(func=cmd_download)
+
+
+def service_errors(err: Exception) -> int:
+    """Exit statuses for service errors: 2 for what the user can fix, 1 otherwise."""
+    if isinstance(err, CoordinatorError):
+        print(f"parle: {err.code}: {err}", file=sys.stderr)
+        return 2 if err.code in ("INVALID_ARGUMENT", "NOT_FOUND", "UNAUTHENTICATED") else 1
+    print(f"parle: {err}", file=sys.stderr)
+    return 2

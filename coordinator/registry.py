@@ -1,0 +1,84 @@
+"""The job registry: one SQLite database (WAL) in the coordinator's state directory.
+
+It records what was submitted and where each job stands, so a restarted coordinator knows which jobs
+to resume (from their last good checkpoint) and which are over (kept for their results).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    spec_json TEXT NOT NULL,
+    state TEXT NOT NULL,
+    message TEXT NOT NULL DEFAULT '',
+    round INTEGER NOT NULL DEFAULT 0,
+    created REAL NOT NULL,
+    updated REAL NOT NULL,
+    directory TEXT NOT NULL
+)
+"""
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    id: str
+    name: str
+    spec_json: str
+    state: str
+    message: str
+    round: int
+    created: float
+    updated: float
+    directory: str  # the job's run directory: config, metrics, checkpoints, results
+
+
+class Registry:
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute(SCHEMA)
+
+    def add(self, job_id: str, name: str, spec_json: str, state: str, directory: Path) -> None:
+        now = time.time()
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO jobs (id, name, spec_json, state, created, updated, directory)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (job_id, name, spec_json, state, now, now, str(directory)),
+            )
+
+    def update(self, job_id: str, *, state: str | None = None, message: str | None = None,
+               round: int | None = None) -> None:  # fmt: skip
+        sets: list[str] = ["updated = ?"]
+        values: list[object] = [time.time()]
+        for column, value in (("state", state), ("message", message), ("round", round)):
+            if value is not None:
+                sets.append(f"{column} = ?")
+                values.append(value)
+        with self._lock:
+            self._db.execute(f"UPDATE jobs SET {', '.join(sets)} WHERE id = ?", (*values, job_id))
+
+    def get(self, job_id: str) -> JobRecord | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return JobRecord(*row) if row else None
+
+    def all(self) -> list[JobRecord]:
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM jobs ORDER BY created").fetchall()
+        return [JobRecord(*row) for row in rows]
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()

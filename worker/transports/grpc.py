@@ -1,0 +1,193 @@
+"""The gRPC worker transport: the worker loop's calls as RPCs to a ``parle coordinator``.
+
+Tensors travel chunked (<= 1 MiB) through the codec; a background thread renews the lease with
+heartbeats while the worker computes. RPC failures become ``CoordinatorError`` with the status name as
+code, so the worker loop can tell "rejoin" (UNAVAILABLE, NOT_FOUND, ...) from "give up".
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TypeVar
+
+import grpc
+from torch import Tensor
+
+from protos import parle_pb2 as pb
+from protos import parle_pb2_grpc as pb_grpc
+from protos.codec import encode_tensors, wire_bytes
+from protos.messages import CoordinatorError, EvalReport, ExchangeReply, JoinGrant, RoundStats
+from protos.spec import resolve
+from protos.wire import SPLITS, directives_from_pb, receive_tensors, tensor_chunks, values_from_pb
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def open_channel(address: str, ca_cert: Path | None = None) -> grpc.Channel:
+    options = [("grpc.keepalive_time_ms", 20_000), ("grpc.keepalive_permit_without_calls", 1)]
+    if ca_cert is not None:
+        creds = grpc.ssl_channel_credentials(root_certificates=ca_cert.read_bytes())
+        return grpc.secure_channel(address, creds, options=options)
+    return grpc.insecure_channel(address, options=options)
+
+
+def call(fn: Callable[[], T]) -> T:
+    """Run an RPC, turning ``grpc.RpcError`` into ``CoordinatorError(status name, details)``."""
+    try:
+        return fn()
+    except grpc.RpcError as err:
+        code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
+        raise CoordinatorError(code.name, err.details() if hasattr(err, "details") else str(err)) from None
+
+
+class GrpcTransport:
+    def __init__(
+        self,
+        address: str,
+        token: str | None = None,
+        ca_cert: Path | None = None,
+        job_id: str | None = None,
+        timeout_s: float = 60.0,
+    ) -> None:
+        self.address = address
+        self.channel = open_channel(address, ca_cert)
+        self.stub = pb_grpc.CoordinatorStub(self.channel)
+        self.metadata = [("authorization", f"Bearer {token}")] if token else []
+        self.wanted_job = job_id
+        self.timeout_s = timeout_s
+        self.worker_id = ""
+        self.job_id = ""
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self._compression = pb.COMPRESSION_NONE
+        self._round_timeout_s = timeout_s
+        self._heartbeats: threading.Thread | None = None
+        self._stop_heartbeats = threading.Event()
+
+    # ----- membership ----------------------------------------------------------------------------
+
+    def join(self, name: str, device: str, want_replica: int | None = None) -> JoinGrant:
+        request = pb.JoinRequest(worker_name=name, device=device, job_id=self.wanted_job or "")
+        if want_replica is not None:
+            request.replica_index = want_replica
+        stream = call(lambda: self.stub.Join(request, metadata=self.metadata, timeout=self.timeout_s))
+        first = call(lambda: next(stream))
+        head = first.header
+        tensors = call(lambda: receive_tensors(head.tensors, stream, context="join"))
+        self.bytes_received += wire_bytes(head.tensors)
+        spec = resolve(json.loads(head.spec_json))
+        self.worker_id, self.job_id = head.worker_id, head.job_id
+        self._compression = head.upload_compression or pb.COMPRESSION_NONE
+        self._round_timeout_s = spec.optim.round_deadline_s + self.timeout_s
+        self._start_heartbeats(max(head.lease_seconds / 3.0, 0.2))
+        return JoinGrant(
+            worker_id=head.worker_id,
+            job_id=head.job_id,
+            replica=head.replica_index,
+            spec=spec,
+            values=values_from_pb(head.round_values),
+            start=tensors.get("reference") if head.start == pb.START_KIND_REFERENCE else None,
+            replica_state=tensors if head.start == pb.START_KIND_REPLICA_STATE else None,
+            lease_s=head.lease_seconds,
+        )
+
+    def _start_heartbeats(self, every_s: float) -> None:
+        self._stop_heartbeats.set()
+        if self._heartbeats is not None:
+            self._heartbeats.join(timeout=5)
+        self._stop_heartbeats = threading.Event()
+        stop = self._stop_heartbeats
+
+        def beat() -> None:
+            while not stop.wait(every_s):
+                try:
+                    self.heartbeat()
+                except CoordinatorError as err:  # the round's own RPCs report real trouble
+                    log.debug("heartbeat failed: %s", err)
+
+        self._heartbeats = threading.Thread(target=beat, name="heartbeat", daemon=True)
+        self._heartbeats.start()
+
+    def heartbeat(self) -> bool:
+        request = pb.HeartbeatRequest(worker_id=self.worker_id, job_id=self.job_id)
+        reply = call(lambda: self.stub.Heartbeat(request, metadata=self.metadata, timeout=self.timeout_s))
+        return not reply.stop
+
+    def leave(self) -> None:
+        self._stop_heartbeats.set()
+        if self.worker_id:
+            request = pb.LeaveRequest(worker_id=self.worker_id, job_id=self.job_id)
+            self.worker_id = ""
+            call(lambda: self.stub.Leave(request, metadata=self.metadata, timeout=self.timeout_s))
+
+    def fail(self, reason: str) -> None:
+        request = pb.LeaveRequest(worker_id=self.worker_id, job_id=self.job_id, failed=True, reason=reason)
+        call(lambda: self.stub.Leave(request, metadata=self.metadata, timeout=self.timeout_s))
+
+    # ----- rounds --------------------------------------------------------------------------------
+
+    def exchange(self, round: int, mu: Tensor, stats: RoundStats) -> ExchangeReply:
+        encoded = encode_tensors([("mu", mu)], self._compression)
+        upload = pb.ExchangeUpload(
+            worker_id=self.worker_id, job_id=self.job_id, round=round, train_loss=stats.train_loss,
+            inner_steps=stats.inner_steps, samples=stats.samples, chain_seconds=stats.chain_seconds,
+            tensors=encoded.headers,
+        )  # fmt: skip
+
+        def requests() -> Iterator[pb.ExchangeChunk]:
+            yield pb.ExchangeChunk(upload=upload)
+            yield from tensor_chunks(encoded.chunks, pb.ExchangeChunk)
+
+        def run() -> ExchangeReply:
+            responses = self.stub.Exchange(requests(), metadata=self.metadata, timeout=self._round_timeout_s)
+            down = next(responses).download
+            tensors = receive_tensors(down.tensors, responses, context=f"reference for round {round}")
+            self.bytes_received += wire_bytes(down.tensors)
+            return ExchangeReply(
+                down.closed_round, tensors["reference"], values_from_pb(down.next), directives_from_pb(down.directives)
+            )
+
+        reply = call(run)
+        self.bytes_sent += wire_bytes(encoded.headers)
+        return reply
+
+    def _report(self, header: pb.ReportHeader, named: list[tuple[str, Tensor]]) -> None:
+        encoded = encode_tensors(named)
+        header.worker_id, header.job_id = self.worker_id, self.job_id
+        header.tensors.extend(encoded.headers)
+
+        def requests() -> Iterator[pb.ReportChunk]:
+            yield pb.ReportChunk(header=header)
+            yield from tensor_chunks(encoded.chunks, pb.ReportChunk)
+
+        call(lambda: self.stub.Report(requests(), metadata=self.metadata, timeout=self.timeout_s))
+        self.bytes_sent += wire_bytes(encoded.headers)
+
+    def report_eval(self, report: EvalReport) -> None:
+        evals = [pb.EvalResult(round=report.round, split=SPLITS[split], loss=loss, error=error)
+                 for split, (loss, error) in report.results.items()]  # fmt: skip
+        kind = pb.STATE_KIND_MODEL if report.model_state is not None else pb.STATE_KIND_UNSPECIFIED
+        header = pb.ReportHeader(round=report.round, evals=evals, stats=pb.WorkerStats(epoch=report.epoch),
+                                 state_kind=kind)  # fmt: skip
+        self._report(header, sorted((report.model_state or {}).items()))
+
+    def report_state(self, round: int, state: dict[str, Tensor]) -> None:
+        self._report(pb.ReportHeader(round=round, state_kind=pb.STATE_KIND_REPLICA), sorted(state.items()))
+
+    def close(self) -> None:
+        try:
+            self.leave()
+        except CoordinatorError as err:
+            log.debug("leave on close failed: %s", err)
+        self.channel.close()
+
+    def __enter__(self) -> GrpcTransport:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
