@@ -115,6 +115,10 @@ class Job:
         self._elapsed_before = 0.0
         self._started = time.monotonic()
         self._round_opened = self._started
+        # Sync rounds wait until every requested replica has joined (or start_timeout_s passed), so that
+        # the first rounds are not closed by whichever worker happened to start first.
+        self._gang_ready = spec.optim.mode == "async"
+        self._first_join: float | None = None
         if resume is not None:
             self._restore(resume)
         self.log = MetricsLog(self.directory / "metrics.jsonl", keep_below_round=self.round)
@@ -181,7 +185,14 @@ class Job:
             start = None if self.reference is None or saved is not None else self.reference.clone()
             if self.state is JobState.PENDING:
                 self._set_state(JobState.RUNNING)
-            self._emit({"kind": "member", "event": "join", "replica": replica, "workers": len(self._members)})
+            if self._first_join is None:
+                self._first_join = time.monotonic()
+            if len(self._members) >= self.spec.replicas:
+                self._open_gang()
+            origin = "checkpoint" if saved is not None else "reference" if start is not None else "fresh"
+            self._emit(
+                {"kind": "member", "event": "join", "replica": replica, "workers": len(self._members), "start": origin}
+            )
             log.info("job %s: %s joined as replica %d (%s)", self.job_id, name, replica, device)
             return JoinGrant(
                 worker_id=worker_id,
@@ -192,6 +203,20 @@ class Job:
                 start=start,
                 replica_state=saved,
             )
+
+    def _open_gang(self) -> None:
+        if self._gang_ready:
+            return
+        self._gang_ready = True
+        self._round_opened = time.monotonic()
+        if len(self._members) < self.spec.replicas:
+            log.warning("job %s: starting with %d of %d replicas", self.job_id, len(self._members), self.spec.replicas)
+        if self._reported and self._reported >= set(self._members):
+            self._close_round()
+        self._cond.notify_all()
+
+    def _all_reported(self) -> bool:
+        return self._gang_ready and bool(self._members) and self._reported >= set(self._members)
 
     def heartbeat(self, worker_id: str) -> bool:
         with self._cond:
@@ -230,7 +255,7 @@ class Job:
             self._awaiting_eval, self._evaluator = None, None
         self._reported.discard(worker_id)
         # The round closes on the live members: the one leaving may be the one everyone waited for.
-        if self.spec.optim.mode == "sync" and self._members and self._reported >= set(self._members):
+        if self.spec.optim.mode == "sync" and self._all_reported():
             self._close_round()
         self._maybe_finish()
         self._cond.notify_all()
@@ -274,16 +299,22 @@ class Job:
             self._sum.add(mu)
             self._reported.add(worker_id)
             self._stats.append(stats)
-            if self._reported >= set(self._members):
+            if self._all_reported():
                 self._close_round()
             return self._await_close(worker_id, round, timeout)
 
     def _await_close(self, worker_id: str, round: int, timeout: float | None) -> ExchangeReply:
-        deadline = self._round_opened + self.spec.optim.round_deadline_s
         give_up = None if timeout is None else time.monotonic() + timeout
         while round not in self._closed:
             self._require_running()
             now = time.monotonic()
+            if not self._gang_ready:
+                deadline = (self._first_join or now) + self.spec.runtime.start_timeout_s
+                if now >= deadline:
+                    self._open_gang()
+                    continue
+            else:
+                deadline = self._round_opened + self.spec.optim.round_deadline_s
             if now >= deadline:
                 log.warning("job %s: round %d deadline passed, closing on who reported", self.job_id, round)
                 self._close_round()

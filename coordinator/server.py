@@ -38,6 +38,7 @@ from protos.wire import (
     JOB_STATES,
     SPLIT_NAMES,
     directives_to_pb,
+    expect_end,
     receive_tensors,
     tensor_chunks,
     values_to_pb,
@@ -146,6 +147,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             up.tensors, request_iterator, expected=expected, require_finite=True,
             max_total_bytes=MAX_UPLOAD_BYTES, context=f"coupled average from {up.worker_id}, round {up.round}",
         )  # fmt: skip
+        expect_end(request_iterator, f"coupled average from {up.worker_id}, round {up.round}")
         metrics.EXCHANGE_BYTES.labels("up").inc(wire_bytes(up.tensors))
         stats = RoundStats(up.train_loss, up.inner_steps, up.samples, up.chain_seconds)
         reply = job.exchange(up.worker_id, up.round, next(iter(tensors.values())), stats)
@@ -187,6 +189,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             head.tensors, request_iterator, require_finite=head.state_kind == pb.STATE_KIND_REPLICA,
             max_total_bytes=MAX_UPLOAD_BYTES, context=f"report from {head.worker_id}, round {head.round}",
         )  # fmt: skip
+        expect_end(request_iterator, f"report from {head.worker_id}, round {head.round}")
         if head.state_kind == pb.STATE_KIND_REPLICA:
             job.report_state(head.worker_id, head.round, tensors)
         if head.evals or head.state_kind == pb.STATE_KIND_MODEL:

@@ -169,6 +169,9 @@ class RuntimeSpec(_Strict):
 
     compression: Literal["none", "fp16", "bf16"] = Field("none", description="exchanged tensors on the wire")
     lease_s: float = Field(30.0, gt=0.0, description="a worker silent this long leaves its round")
+    start_timeout_s: float = Field(
+        300.0, gt=0.0, description="sync: wait this long for all replicas to join before starting with fewer"
+    )
 
 
 class JobSpec(_Strict):

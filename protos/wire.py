@@ -76,6 +76,12 @@ def receive_tensors(
     return assembler.finish()
 
 
+def expect_end(messages: Iterator[Any], context: str) -> None:
+    """A client stream must end after the chunks its header announced."""
+    if next(messages, None) is not None:
+        raise CodecError(f"{context}: more chunks than the header announced")
+
+
 def raise_unexpected(message: object, context: str) -> None:
     kind = getattr(message, "WhichOneof", lambda _: None)("payload")
     raise CodecError(f"{context}: expected a tensor chunk, got {kind or 'an empty message'}")

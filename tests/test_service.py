@@ -1,0 +1,193 @@
+"""The coordinator service with real processes on 127.0.0.1: equivalence with the in-process runtime,
+a worker killed with -9, a coordinator killed with -9 and restarted on the same state directory."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from prometheus_client import REGISTRY
+from safetensors.torch import load_file
+
+from cluster.client import Endpoint, JobsClient
+from cluster.local import run_local
+from cluster.processes import reap, run_processes
+from coordinator.events import read_events
+from coordinator.server import CoordinatorServer
+from protos.spec import resolve
+
+TESTS = Path(__file__).parent
+REPO = TESTS.parent
+
+
+@pytest.fixture
+def worker_env(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """Worker processes import the test models too."""
+    path = f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
+    monkeypatch.setenv("PYTHONPATH", path)
+    return {**os.environ, "PYTHONPATH": path}
+
+
+@pytest.fixture
+def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    reap(started, grace_s=5)
+
+
+def spec_dict(**overrides: Any) -> dict[str, Any]:
+    raw: dict[str, Any] = {
+        "name": "svc",
+        "preset": "parle",
+        "replicas": 3,
+        "epochs": 1,
+        "model": {"name": "toy_models:slow_mlp", "options": {"delay": 0.0}},
+        "data": {"name": "synthetic", "synthetic_size": 512, "batch_size": 32},
+        "optim": {"L": 2, "round_deadline_s": 60},
+        "eval": {"every_epochs": 1, "train_subset": 128},
+        "checkpoint": {"every_rounds": 4},
+        "runtime": {"lease_s": 2},
+    }
+    raw.update(overrides)
+    return raw
+
+
+def start_worker(
+    procs: list[subprocess.Popen[bytes]], address: str, job_id: str, name: str, env: dict[str, str], *extra: str
+) -> subprocess.Popen[bytes]:
+    cmd = [sys.executable, "-m", "cluster.cli", "worker", "--coordinator", address, "--job", job_id,
+           "--name", name, "--threads", "1", "--reconnect-s", "60", *extra]  # fmt: skip
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO)
+    procs.append(proc)
+    return proc
+
+
+def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.timeout(240)
+def test_three_worker_processes_match_the_in_process_runtime(tmp_path: Path, worker_env: dict[str, str]) -> None:
+    spec = resolve(spec_dict(model={"name": "toy_models:mlp", "options": {"dropout": 0.2}}))
+    assert run_local(spec, tmp_path / "local").state.value == "succeeded"
+    state, message = run_processes(spec, tmp_path / "procs", 3, [])
+    assert state.value == "succeeded", message
+    a = load_file(str(tmp_path / "local" / "reference.safetensors"))["reference"]
+    b = load_file(str(tmp_path / "procs" / "reference.safetensors"))["reference"]
+    assert torch.allclose(a, b, atol=1e-5, rtol=0), float((a - b).abs().max())
+    assert float((a - load_file(str(tmp_path / "procs" / "checkpoints" / "ckpt-000000004" / "tensors.safetensors"))[
+        "reference"]).abs().max()) > 1e-3  # fmt: skip  # it trained
+
+
+def _events(job_dir: Path, kind: str) -> list[dict[str, Any]]:
+    return [e for e in read_events(job_dir / "metrics.jsonl") if e["kind"] == kind]
+
+
+def _sample(name: str, labels: dict[str, str]) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+@pytest.mark.timeout(240)
+def test_killed_worker_drops_out_and_a_new_one_joins_from_the_reference(
+    tmp_path: Path, worker_env: dict[str, str], procs: list[subprocess.Popen[bytes]]
+) -> None:
+    raw = spec_dict(epochs=8, model={"name": "toy_models:slow_mlp", "options": {"delay": 0.05}})
+    with CoordinatorServer(tmp_path / "state") as server:
+        job_id = server.manager.submit(resolve(raw))
+        job = server.manager.job(job_id)
+        workers = [start_worker(procs, server.address, job_id, f"w{i}", worker_env, "--replica", str(i))
+                   for i in range(3)]  # fmt: skip
+        wait_for(lambda: job.round >= 6, 90, "round 6")
+        workers[1].send_signal(signal.SIGKILL)
+        killed_at = job.round
+        wait_for(lambda: job.round >= killed_at + 4, 60, "rounds after the kill")
+        start_worker(procs, server.address, job_id, "late", worker_env)
+        wait_for(lambda: job.live_workers == 3, 60, "the new worker")
+        assert job.round < job.schedule.total_rounds - 2  # it joined a running job
+        assert job.wait(timeout=150).value == "succeeded", job.message
+        job_dir = server.manager.job_dir(job_id)
+    members = _events(job_dir, "member")
+    assert [m["event"] for m in members].count("lapse") == 1
+    joins = [m for m in members if m["event"] == "join"]
+    assert len(joins) == 4 and joins[-1]["start"] == "reference" and joins[-1]["replica"] == 1
+    rounds = _events(job_dir, "round")
+    assert [r["round"] for r in rounds] == list(range(64))
+    after_kill = rounds[killed_at : killed_at + 3]
+    assert min(r["workers"] for r in after_kill) == 2  # the round closed on the live members
+    assert max(r["round_seconds"] for r in after_kill) < 2 + 5  # within the lease (2 s) and the reaper's tick
+    assert rounds[-1]["workers"] == 3  # the newcomer contributes
+    assert _sample("parle_membership_events_total", {"job": job_id, "event": "lapse"}) == 1
+    assert _sample("parle_membership_events_total", {"job": job_id, "event": "join"}) == 4
+
+
+@pytest.mark.timeout(300)
+def test_coordinator_killed_and_restarted_resumes_from_its_checkpoint(
+    tmp_path: Path, worker_env: dict[str, str], procs: list[subprocess.Popen[bytes]]
+) -> None:
+    port, state = free_port(), tmp_path / "state"
+    address = f"127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "cluster.cli", "coordinator", "--listen", address, "--state-dir", str(state)]
+
+    def start_coordinator() -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(cmd, env=worker_env, cwd=REPO)
+        procs.append(proc)
+        return proc
+
+    coordinator = start_coordinator()
+    raw = spec_dict(epochs=4, model={"name": "toy_models:slow_mlp", "options": {"delay": 0.03}})
+    with JobsClient(Endpoint(address)) as client:
+        wait_for(lambda: _reachable(client), 60, "the coordinator")
+        job_id = client.submit(yaml.safe_dump(raw))
+        for i in range(3):
+            start_worker(procs, address, job_id, f"w{i}", worker_env, "--replica", str(i))
+        job_dir = state / "jobs" / job_id
+        wait_for(lambda: (job_dir / "checkpoints" / "ckpt-000000008").exists(), 120, "checkpoint 8")
+        wait_for(lambda: len(_events(job_dir, "round")) >= 10, 60, "round 10")
+        coordinator.send_signal(signal.SIGKILL)
+        coordinator.wait(timeout=10)
+        rounds_before_kill = len(_events(job_dir, "round"))
+        start_coordinator()
+        wait_for(lambda: _state(client, job_id) in ("succeeded", "failed"), 200, "the job to finish")
+        assert _state(client, job_id) == "succeeded"
+    rounds = [r["round"] for r in _events(job_dir, "round")]
+    assert rounds == list(range(32))  # every round once: resumed at the checkpoint, nothing lost before it
+    assert rounds_before_kill >= 10
+    rejoined = [m for m in _events(job_dir, "member") if m["event"] == "join" and m["start"] == "checkpoint"]
+    assert sorted(m["replica"] for m in rejoined) == [0, 1, 2]  # the workers reconnected by themselves
+    assert (job_dir / "reference.safetensors").is_file()
+
+
+def _reachable(client: JobsClient) -> bool:
+    try:
+        client.list()
+        return True
+    except Exception:
+        return False
+
+
+def _state(client: JobsClient, job_id: str) -> str:
+    from cluster.client import describe
+
+    try:
+        return str(describe(client.get(job_id))["state"])
+    except Exception:
+        return "unreachable"
