@@ -127,7 +127,7 @@ def run_local(
         except Exception as err:  # a crashed replica fails the job instead of hanging the others
             log.exception("replica %d crashed", replica)
             errors.append(f"replica {replica}: {err}")
-            job.fail(f"replica-{replica}", str(err))
+            job.abort(f"replica {replica}: {err}")
         finally:
             turns.retire(replica)
 

@@ -53,7 +53,7 @@ def run_processes(spec: JobSpec, run_dir: Path, workers: int, listeners: list[Li
             procs.append(subprocess.Popen(worker_command(server.address, job_id, i, spec.device, threads), env=env))
         while job.wait(timeout=1.0) not in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED):
             if all(p.poll() is not None for p in procs):
-                job.fail("all", "every worker process exited before the job finished")
+                job.abort("every worker process exited before the job finished")
         return job.state, job.message
     except KeyboardInterrupt:
         with contextlib.suppress(Exception):

@@ -260,7 +260,19 @@ class Job:
         self._maybe_finish()
         self._cond.notify_all()
 
+    def check_member(self, worker_id: str) -> None:
+        """NOT_FOUND unless ``worker_id`` is a member (and renew its lease)."""
+        with self._cond:
+            self._member(worker_id)
+
     def fail(self, worker_id: str, reason: str) -> None:
+        """A member reports that the job cannot go on (e.g. its loss became NaN)."""
+        with self._cond:
+            self._member(worker_id)
+            self.abort(reason)
+
+    def abort(self, reason: str) -> None:
+        """Fail the job from the coordinator's side (a runtime noticed that it cannot finish)."""
         with self._cond:
             if not self.state.terminal:
                 log.error("job %s failed: %s", self.job_id, reason)
@@ -285,6 +297,13 @@ class Job:
     def exchange(
         self, worker_id: str, round: int, mu: Tensor, stats: RoundStats, timeout: float | None = None
     ) -> ExchangeReply:
+        """Report a coupled average and wait for the round's reference (sync) or get it at once (async)."""
+        early = self.report(worker_id, round, mu, stats)
+        return early if early is not None else self.await_round(worker_id, round, timeout)
+
+    def report(self, worker_id: str, round: int, mu: Tensor, stats: RoundStats) -> ExchangeReply | None:
+        """Validate and add a coupled average; the caller may drop ``mu`` afterwards (the sum keeps no
+        reference to it), so waiting workers hold no model-sized memory. Async rounds reply at once."""
         with self._cond:
             self._require_running()
             member = self._member(worker_id)
@@ -301,6 +320,10 @@ class Job:
             self._stats.append(stats)
             if self._all_reported():
                 self._close_round()
+            return None
+
+    def await_round(self, worker_id: str, round: int, timeout: float | None = None) -> ExchangeReply:
+        with self._cond:
             return self._await_close(worker_id, round, timeout)
 
     def _await_close(self, worker_id: str, round: int, timeout: float | None) -> ExchangeReply:

@@ -76,7 +76,7 @@ class Registry:
 
     def all(self) -> list[JobRecord]:
         with self._lock:
-            rows = self._db.execute("SELECT * FROM jobs ORDER BY created").fetchall()
+            rows = self._db.execute("SELECT * FROM jobs ORDER BY created DESC").fetchall()
         return [JobRecord(*row) for row in rows]
 
     def close(self) -> None:

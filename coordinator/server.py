@@ -11,6 +11,7 @@ import functools
 import json
 import logging
 import queue
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
@@ -95,12 +96,15 @@ def _require(condition: bool, message: str) -> None:
 
 
 class CoordinatorServicer(pb_grpc.CoordinatorServicer):
-    def __init__(self, manager: JobManager) -> None:
+    def __init__(self, manager: JobManager, concurrent_uploads: int = 4) -> None:
         self.manager = manager
+        self.upload_slots = threading.BoundedSemaphore(concurrent_uploads)
 
     def _member_job(self, job_id: str, worker_id: str) -> Job:
         _require(bool(worker_id), "worker_id is empty: call Join first")
-        return self.manager.job(job_id)
+        job = self.manager.job(job_id)
+        job.check_member(worker_id)
+        return job
 
     @guarded
     def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> Iterator[pb.JoinChunk]:
@@ -143,14 +147,20 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         job = self._member_job(up.job_id, up.worker_id)
         _require(len(up.tensors) == 1, f"expected one tensor (the coupled average), got {len(up.tensors)}")
         expected = None if job.reference is None else {up.tensors[0].name: TensorSpec.of(job.reference)}
-        tensors = receive_tensors(
-            up.tensors, request_iterator, expected=expected, require_finite=True,
-            max_total_bytes=MAX_UPLOAD_BYTES, context=f"coupled average from {up.worker_id}, round {up.round}",
-        )  # fmt: skip
-        expect_end(request_iterator, f"coupled average from {up.worker_id}, round {up.round}")
-        metrics.EXCHANGE_BYTES.labels("up").inc(wire_bytes(up.tensors))
+        context = f"coupled average from {up.worker_id}, round {up.round}"
         stats = RoundStats(up.train_loss, up.inner_steps, up.samples, up.chain_seconds)
-        reply = job.exchange(up.worker_id, up.round, next(iter(tensors.values())), stats)
+        # At most a few uploads are decoded at once and each is freed once added to the running sum:
+        # coordinator memory grows with the model, not with workers x model.
+        with self.upload_slots:
+            tensors = receive_tensors(
+                up.tensors, request_iterator, expected=expected, require_finite=True,
+                max_total_bytes=MAX_UPLOAD_BYTES, context=context,
+            )  # fmt: skip
+            expect_end(request_iterator, context)
+            reply = job.report(up.worker_id, up.round, tensors.popitem()[1], stats)
+        metrics.EXCHANGE_BYTES.labels("up").inc(wire_bytes(up.tensors))
+        if reply is None:
+            reply = job.await_round(up.worker_id, up.round)
         encoded = encode_tensors([("reference", reply.reference)], COMPRESSION[job.spec.runtime.compression])
         metrics.EXCHANGE_BYTES.labels("down").inc(wire_bytes(encoded.headers))
         down = pb.ExchangeDownload(
@@ -272,7 +282,7 @@ class JobsServicer(pb_grpc.JobsServicer):
         if request.states:
             infos = [i for i in infos if i.state in request.states]
         if request.limit:
-            infos = infos[-request.limit :]
+            infos = infos[: request.limit]  # newest first
         return pb.ListReply(jobs=infos)
 
     @guarded

@@ -18,7 +18,7 @@ from coordinator.checkpoint import CheckpointStore, write_atomic_text
 from coordinator.job import Job, JobState
 from coordinator.registry import JobRecord, Registry
 from protos.messages import CoordinatorError
-from protos.spec import JobSpec, resolve
+from protos.spec import JobSpec, SpecError, resolve
 
 log = logging.getLogger(__name__)
 
@@ -45,19 +45,24 @@ class JobManager:
         record = self.registry.get(job_id)
         return Path(record.directory) if record else self.state_dir / "jobs" / job_id
 
-    def _open(self, job_id: str, spec: JobSpec, resume: bool) -> Job:
-        ckpt = CheckpointStore(self.job_dir(job_id) / "checkpoints").latest() if resume else None
+    def _open(self, job_id: str, spec: JobSpec, resume: bool, directory: Path | None = None) -> Job:
+        directory = directory or self.job_dir(job_id)
+        ckpt = CheckpointStore(directory / "checkpoints").latest() if resume else None
         listeners = [*self._listeners(job_id), self._recorder(job_id)]
-        job = Job(job_id, spec, self.job_dir(job_id), listeners=listeners, resume=ckpt)
+        job = Job(job_id, spec, directory, listeners=listeners, resume=ckpt)
         self._jobs[job_id] = job
         return job
 
     def _reload(self) -> None:
-        for record in self.registry.all():
+        for record in reversed(self.registry.all()):  # oldest first: they get workers first
             if JobState(record.state).terminal:
                 continue
-            spec = resolve(json.loads(record.spec_json))
-            job = self._open(record.id, spec, resume=True)
+            try:
+                job = self._open(record.id, resolve(json.loads(record.spec_json)), resume=True)
+            except (SpecError, ValueError, OSError) as err:  # one broken job must not keep the others down
+                log.error("job %s cannot be reloaded: %s", record.id, err)
+                self.registry.update(record.id, state=JobState.FAILED.value, message=f"cannot be reloaded: {err}")
+                continue
             log.info("job %s (%s): reloaded at round %d, waiting for workers", record.id, record.name, job.round)
 
     def submit(self, spec: JobSpec, directory: Path | None = None) -> str:
@@ -67,8 +72,8 @@ class JobManager:
         with self._lock:
             directory.mkdir(parents=True, exist_ok=True)
             write_atomic_text(directory / "config.yaml", spec.to_yaml())
+            self._open(job_id, spec, resume=False, directory=directory)  # raises before anything is registered
             self.registry.add(job_id, spec.name, json.dumps(spec.to_dict()), JobState.PENDING.value, directory)
-            self._open(job_id, spec, resume=False)
         log.info("job %s submitted: %s, %d replicas", job_id, spec.preset, spec.replicas)
         return job_id
 

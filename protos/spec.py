@@ -175,11 +175,11 @@ class RuntimeSpec(_Strict):
 
 
 class JobSpec(_Strict):
-    name: str = "parle"
+    name: str = Field("parle", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", description="letters, digits, . _ -")
     preset: Literal["sgd", "entropy-sgd", "elastic-sgd", "parle", "easgd"] = "parle"
-    replicas: int = Field(3, ge=1)
-    epochs: float = Field(5.0, gt=0.0, description="budget in data passes per replica")
-    max_rounds: int | None = Field(None, ge=1, description="stop after this many rounds (tests, demos)")
+    replicas: int = Field(3, ge=1, le=4096)
+    epochs: float = Field(5.0, gt=0.0, le=1e6, description="budget in data passes per replica")
+    max_rounds: int | None = Field(None, ge=1, le=10**12, description="stop after this many rounds (tests, demos)")
     seed: int = 0
     device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?)$")
     model: ModelSpec = Field(default_factory=ModelSpec)
@@ -248,7 +248,7 @@ def resolve(raw: dict[str, Any]) -> JobSpec:
     if not isinstance(raw, dict):
         raise SpecError(f"config error: expected a mapping at the top level, got {type(raw).__name__}")
     preset = raw.get("preset", "parle")
-    if preset not in PRESETS:
+    if not isinstance(preset, str) or preset not in PRESETS:
         raise SpecError(f"config error: preset: must be one of {', '.join(PRESETS)} (got {preset!r})")
     merged = _deep_merge(PRESETS[preset], raw)
     try:
