@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -48,9 +49,9 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     from coordinator.auth import read_token
     from coordinator.server import CoordinatorServer
 
-    token = read_token(args.token_file)
+    token = read_token(args.token_file) or os.environ.get("PARLE_TOKEN") or None
     server = CoordinatorServer(args.state_dir, args.listen, token, args.tls_cert, args.tls_key)
-    if args.metrics_port is not None:
+    if args.metrics_port:
         from prometheus_client import start_http_server
 
         start_http_server(args.metrics_port, addr=args.listen.rsplit(":", 1)[0])
@@ -71,6 +72,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(args.metrics_port, addr=args.metrics_addr)
     endpoint = Endpoint.resolve(args.coordinator, args.token_file, args.ca_cert)
     with GrpcTransport(endpoint.address, endpoint.token, endpoint.ca_cert, job_id=args.job) as transport:
         loop = WorkerLoop(
@@ -160,10 +165,10 @@ def add_service_commands(sub: argparse._SubParsersAction) -> None:
     co = sub.add_parser("coordinator", help="run a standing coordinator (gRPC)")
     co.add_argument("--listen", default="127.0.0.1:50051", help="HOST:PORT to bind (default loopback)")
     co.add_argument("--state-dir", type=Path, required=True, help="job registry, checkpoints and results")
-    co.add_argument("--token-file", type=Path, help="require this token from every caller")
+    co.add_argument("--token-file", type=Path, help="require this token from every caller (or set PARLE_TOKEN)")
     co.add_argument("--tls-cert", type=Path)
     co.add_argument("--tls-key", type=Path)
-    co.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
+    co.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus /metrics on this port (0: off)")
     co.set_defaults(func=cmd_coordinator)
 
     wk = sub.add_parser("worker", help="run a worker: one replica at a time for a coordinator")
@@ -174,6 +179,8 @@ def add_service_commands(sub: argparse._SubParsersAction) -> None:
     wk.add_argument("--replica", type=int, help="ask for this replica index")
     wk.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     wk.add_argument("--reconnect-s", type=float, default=300.0, help="keep retrying an unreachable coordinator")
+    wk.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus /metrics here (0: off)")
+    wk.add_argument("--metrics-addr", default="127.0.0.1", help="address for --metrics-port (0.0.0.0 in containers)")
     wk.set_defaults(func=cmd_worker)
 
     sm = sub.add_parser("submit", help="submit a job; prints its id")

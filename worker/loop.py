@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from protos.messages import CoordinatorError, EvalReport, ExchangeReply, JoinGrant, RoundStats, RoundValues
 from protos.spec import JobSpec, train_size
+from worker import metrics
 from worker.flat import FlatParameters
 from worker.kernels import ChainHyper, OuterHyper
 from worker.replica import ReplicaState
@@ -195,6 +196,7 @@ class WorkerLoop:
                 if err.code not in REJOIN_CODES:
                     raise
                 log.warning("%s lost its place (%s: %s): joining again", self.prefix, err.code, err)
+                metrics.REJOINS.labels(grant.job_id).inc()
                 with contextlib.suppress(CoordinatorError):
                     self.transport.leave()
                 continue
@@ -243,13 +245,25 @@ class WorkerLoop:
         while True:
             with self.turns(self.replica_index), self.rng.scope():
                 mu, stats = self._chain(values)
+            started = time.perf_counter()
             reply = self.transport.exchange(values.round, mu, stats)
+            self._record(grant.job_id, stats, time.perf_counter() - started)
             self._finish(values, reply)
             self.rounds_done += 1
             if reply.directives.stop or self._stop.is_set():
                 log.info("%s stopping after round %d", self.prefix, values.round)
                 return
             values = reply.next_values
+
+    @staticmethod
+    def _record(job_id: str, stats: RoundStats, exchange_seconds: float) -> None:
+        metrics.ROUNDS.labels(job_id).inc()
+        metrics.INNER_STEPS.labels(job_id).inc(stats.inner_steps)
+        metrics.SAMPLES.labels(job_id).inc(stats.samples)
+        metrics.SAMPLES_PER_SECOND.labels(job_id).set(stats.samples / max(stats.chain_seconds, 1e-9))
+        metrics.CHAIN_SECONDS.labels(job_id).observe(stats.chain_seconds)
+        metrics.EXCHANGE_SECONDS.labels(job_id).observe(exchange_seconds)
+        metrics.TRAIN_LOSS.labels(job_id).set(stats.train_loss)
 
     def _chain(self, values: RoundValues) -> tuple[Tensor, RoundStats]:
         optim = self.spec.optim
