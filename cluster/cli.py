@@ -114,10 +114,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from cluster.plot import plot_run_dirs
+    from cluster.plot import plot_run_dirs, plot_runs
 
     try:
-        path = plot_run_dirs(args.run_dirs, args.output)
+        if args.coordinator:
+            from cluster.client import Endpoint, JobsClient
+
+            endpoint = Endpoint.resolve(args.coordinator, args.token_file, args.ca_cert)
+            with JobsClient(endpoint) as client:
+                path = plot_runs({job_id: client.events(job_id) for job_id in args.runs}, args.output)
+        else:
+            path = plot_run_dirs([Path(run) for run in args.runs], args.output)
     except FileNotFoundError as err:
         raise BadInput(str(err)) from None
     print(path)
@@ -146,8 +153,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", action="store_true", help="print one JSON object")
     ev.set_defaults(func=cmd_eval)
 
-    plot = sub.add_parser("plot", help="plot test error and train loss of runs")
-    plot.add_argument("run_dirs", nargs="+", type=Path)
+    plot = sub.add_parser("plot", help="plot test error and train loss of runs (or of jobs on a coordinator)")
+    plot.add_argument(
+        "runs", nargs="+", metavar="RUN_DIR|JOB_ID", help="run directories, or job ids with --coordinator"
+    )
+    plot.add_argument("--coordinator", metavar="HOST:PORT", help="read the jobs' events from this coordinator")
+    plot.add_argument("--token-file", type=Path)
+    plot.add_argument("--ca-cert", type=Path)
     plot.add_argument("-o", "--output", type=Path, default=Path("curves.png"))
     plot.set_defaults(func=cmd_plot)
     add_service_commands(sub)

@@ -19,6 +19,10 @@ from worker.transports.grpc import call, open_channel
 ARTIFACTS = {"reference": pb.ARTIFACT_REFERENCE, "checkpoint": pb.ARTIFACT_CHECKPOINT, "model": pb.ARTIFACT_MODEL}
 
 
+def parse_events(jsonl: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in jsonl.splitlines() if line.strip()]
+
+
 @dataclass(frozen=True)
 class Endpoint:
     """Where the coordinator is and how to prove who we are; flags win over the environment."""
@@ -72,7 +76,7 @@ class JobsClient:
     def get(self, job_id: str) -> pb.JobInfo:
         return call(lambda: self.stub.Get(pb.GetRequest(job_id=job_id), metadata=self.metadata, timeout=self.timeout_s))
 
-    def list(self) -> list[pb.JobInfo]:
+    def jobs(self) -> list[pb.JobInfo]:
         reply = call(lambda: self.stub.List(pb.ListRequest(), metadata=self.metadata, timeout=self.timeout_s))
         return list(reply.jobs)
 
@@ -98,6 +102,16 @@ class JobsClient:
             return tensors, json.loads(head.manifest_json or "{}")
 
         return call(run)
+
+    def events(self, job_id: str) -> list[dict[str, Any]]:
+        """The job's event log (what ``metrics.jsonl`` holds in its run directory)."""
+        request = pb.DownloadRequest(job_id=job_id, what=pb.ARTIFACT_METRICS)
+
+        def run() -> str:
+            stream = self.stub.Download(request, metadata=self.metadata, timeout=self.timeout_s)
+            return str(next(stream).header.events_jsonl)
+
+        return parse_events(call(run))
 
     def close(self) -> None:
         self.channel.close()

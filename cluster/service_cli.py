@@ -107,7 +107,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     from cluster.client import describe
 
     with _client(args) as client:
-        jobs = [describe(info) for info in client.list()]
+        jobs = [describe(info) for info in client.jobs()]
     if args.json:
         print(json.dumps(jobs, indent=1))
         return 0

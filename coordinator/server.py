@@ -318,6 +318,11 @@ class JobsServicer(pb_grpc.JobsServicer):
         job_dir = self.manager.job_dir(request.job_id)
         what = request.what or pb.ARTIFACT_REFERENCE
         manifest: dict[str, Any] = {}
+        if what == pb.ARTIFACT_METRICS:
+            log_file = job_dir / "metrics.jsonl"
+            events = log_file.read_text() if log_file.is_file() else ""
+            yield pb.DownloadChunk(header=pb.DownloadHeader(job_id=request.job_id, what=what, events_jsonl=events))
+            return
         if what == pb.ARTIFACT_MODEL:
             tensors = _load_if(job_dir / "final.safetensors", "the job has not exported a model yet")
         elif what == pb.ARTIFACT_REFERENCE and (job_dir / "reference.safetensors").is_file():

@@ -178,7 +178,7 @@ def test_right_token_submit_get_list(secured: Secured) -> None:
         job_id = client.submit(yaml.safe_dump({**SPEC, "name": "authorised"}))
         info = client.get(job_id)
         assert info.id == job_id and info.name == "authorised" and info.state == pb.JOB_STATE_PENDING
-        assert job_id in {i.id for i in client.list()}
+        assert job_id in {i.id for i in client.jobs()}
         assert client.cancel(job_id).state == pb.JOB_STATE_CANCELLED
     with JobsClient(Endpoint(secured.server.address, "wrong"), timeout_s=TIMEOUT) as client:
         with pytest.raises(CoordinatorError) as caught:
@@ -262,7 +262,7 @@ def tls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tls]:
 @pytest.mark.parametrize("host", ["localhost", "127.0.0.1"])
 def test_tls_client_with_the_ca_can_list(tls: Tls, host: str) -> None:
     with JobsClient(Endpoint(f"{host}:{tls.port}", None, tls.ca), timeout_s=TIMEOUT) as client:
-        jobs = client.list()
+        jobs = client.jobs()
     assert [j.name for j in jobs] == ["t"]
 
 
@@ -289,7 +289,7 @@ def test_plaintext_client_cannot_connect(tls: Tls) -> None:
         JobsClient(Endpoint(f"127.0.0.1:{tls.port}"), timeout_s=TIMEOUT) as client,
         pytest.raises(CoordinatorError) as caught,
     ):
-        client.list()
+        client.jobs()
     assert caught.value.code == "UNAVAILABLE"
 
 
@@ -319,7 +319,7 @@ def test_tls_and_token_together(tmp_path: Path) -> None:
         address = f"localhost:{server.port}"
         with JobsClient(Endpoint(address, None, ca_cert), timeout_s=TIMEOUT) as client:
             with pytest.raises(CoordinatorError) as caught:
-                client.list()
+                client.jobs()
             assert caught.value.code == "UNAUTHENTICATED"
         with JobsClient(Endpoint(address, TOKEN, ca_cert), timeout_s=TIMEOUT) as client:
             job_id = client.submit(yaml.safe_dump(SPEC))

@@ -178,7 +178,7 @@ def test_coordinator_killed_and_restarted_resumes_from_its_checkpoint(
 
 def _reachable(client: JobsClient) -> bool:
     try:
-        client.list()
+        client.jobs()
         return True
     except Exception:
         return False
@@ -191,3 +191,43 @@ def _state(client: JobsClient, job_id: str) -> str:
         return str(describe(client.get(job_id))["state"])
     except Exception:
         return "unreachable"
+
+
+@pytest.mark.timeout(120)
+def test_client_commands_submit_watch_download_plot_cancel(
+    tmp_path: Path, worker_env: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    import threading
+
+    from cluster.cli import main
+    from worker.loop import WorkerLoop
+    from worker.transports.grpc import GrpcTransport
+
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump(spec_dict(replicas=1, model={"name": "toy_models:mlp"})))
+    with CoordinatorServer(tmp_path / "state") as server:
+        flags = ["--coordinator", server.address]
+        assert main(["submit", str(config), *flags]) == 0
+        job_id = capsys.readouterr().out.strip()
+        transport = GrpcTransport(server.address, job_id=job_id)
+        worker = threading.Thread(target=WorkerLoop(transport, "w0").run)
+        worker.start()
+        assert main(["status", job_id, "--watch", *flags]) == 0  # streams until the job ends
+        watched = capsys.readouterr().out
+        worker.join(timeout=60)
+        transport.close()
+        assert "round 7 " in watched and "eval round 7" in watched and "state 3" in watched  # 3: SUCCEEDED
+        assert main(["jobs", *flags]) == 0
+        assert job_id in capsys.readouterr().out
+        assert main(["download", job_id, "-o", str(tmp_path / "ref.safetensors"), *flags]) == 0
+        local = load_file(str(server.manager.job_dir(job_id) / "reference.safetensors"))["reference"]
+        assert torch.equal(load_file(str(tmp_path / "ref.safetensors"))["reference"], local)
+        assert main(["plot", job_id, "-o", str(tmp_path / "c.png"), *flags]) == 0
+        capsys.readouterr()
+        assert (tmp_path / "c.png").stat().st_size > 10_000
+        assert main(["submit", str(config), *flags]) == 0
+        second = capsys.readouterr().out.strip()
+        assert main(["cancel", second, *flags]) == 0
+        assert '"state": "cancelled"' in capsys.readouterr().out
+        assert main(["status", "no-such-job", *flags]) == 2
+        assert "NOT_FOUND" in capsys.readouterr().err
