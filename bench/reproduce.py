@@ -24,8 +24,12 @@ from protos.spec import batches_per_epoch, growth_to_reach, resolve
 
 def method_configs(epochs: float, batch_size: int) -> dict[str, dict[str, Any]]:
     drop = [round(0.6 * epochs, 3)]
-    base = {"epochs": epochs, "model": {"name": "lenet"},
-            "data": {"name": "fashion-mnist", "batch_size": batch_size}, "eval": {"every_epochs": 0.5}}  # fmt: skip
+    base = {
+        "epochs": epochs,
+        "model": {"name": "lenet"},
+        "data": {"name": "fashion-mnist", "batch_size": batch_size},
+        "eval": {"every_epochs": 0.5},
+    }
     bpe = batches_per_epoch(resolve(base).data)
 
     def rounds(L: int) -> int:

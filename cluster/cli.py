@@ -64,18 +64,32 @@ def cmd_train(args: argparse.Namespace) -> int:
     from cluster.local import run_local
     from cluster.plot import plot_run_dirs
     from cluster.processes import run_processes
-    from cluster.progress import ProgressBar
+    from cluster.progress import LineProgress, ProgressBar
     from coordinator.schedules import Schedule
 
     spec, run_dir, resume = _train_spec(args)
     schedule = Schedule(spec)
-    print(f"parle: {spec.preset} {spec.model.name} on {spec.data.name}, {spec.replicas} replica(s), "
-          f"{schedule.total_rounds} rounds of {schedule.steps_per_round} mini-batches -> {run_dir}")  # fmt: skip
-    bar = ProgressBar(schedule.total_rounds, desc=spec.name, enabled=not args.quiet)
+    print(
+        f"parle: {spec.preset} {spec.model.name} on {spec.data.name}, {spec.replicas} replica(s), "
+        f"{schedule.total_rounds} rounds of {schedule.steps_per_round} mini-batches -> {run_dir}"
+    )
+    bar: ProgressBar | LineProgress
+    if sys.stderr.isatty() or args.quiet:
+        bar = ProgressBar(schedule.total_rounds, desc=spec.name, enabled=not args.quiet)
+    else:
+        bar = LineProgress(schedule.total_rounds, desc=spec.name)
     try:
-        if args.workers > 0:
+        if args.runtime == "ray":
+            from cluster.ray_runtime import RayResourceError, run_ray
+
+            try:
+                state, message = run_ray(spec, run_dir, [bar], resume=resume)
+            except RayResourceError as err:
+                print(f"parle: {err}", file=sys.stderr)
+                return EXIT_FAILED
+        elif args.workers > 0:
             if resume:
-                raise BadInput("--resume runs in-process; drop --workers")
+                raise BadInput("--resume runs in-process or on Ray; drop --workers")
             state, message = run_processes(spec, run_dir, args.workers, [bar])
         else:
             result = run_local(spec, run_dir, resume=resume, listeners=[bar])
@@ -89,8 +103,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     plot_run_dirs([run_dir], run_dir / "curves.png")
     test = bar.last_eval.get("test")
     if test is not None:
-        print(f"parle: done. test error {100 * test['error']:.2f}% after {test['epoch']:.2f} epochs; "
-              f"run directory {run_dir}")  # fmt: skip
+        print(
+            f"parle: done. test error {100 * test['error']:.2f}% after {test['epoch']:.2f} epochs; "
+            f"run directory {run_dir}"
+        )
     return 0
 
 
@@ -138,13 +154,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train a job on this machine (coordinator and replicas in-process)")
     train.add_argument("config", nargs="?", type=Path, help="job YAML (see examples/)")
-    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a config key, e.g. --set optim.lr=0.05 (repeatable)")  # fmt: skip
+    train.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set optim.lr=0.05 (repeatable)",
+    )
     train.add_argument("--run-dir", type=Path, help="where results go (default runs/NAME-TIMESTAMP)")
     train.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue a run from its last good checkpoint")
     train.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    train.add_argument("--workers", type=int, default=0, metavar="N",
-                       help="process mode: a coordinator on a free loopback port and N worker processes")  # fmt: skip
+    train.add_argument(
+        "--runtime",
+        choices=["local", "ray"],
+        default="local",
+        help="local: this machine (default); ray: worker actors on the Ray cluster (ray job submit)",
+    )
+    train.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        metavar="N",
+        help="process mode: a coordinator on a free loopback port and N worker processes",
+    )
     train.set_defaults(func=cmd_train)
 
     ev = sub.add_parser("eval", help="evaluate a run's reference weights")

@@ -131,8 +131,10 @@ def run_local(
         finally:
             turns.retire(replica)
 
-    threads = [threading.Thread(target=replica_thread, args=(r,), name=f"replica-{r}", daemon=True)
-               for r in range(spec.replicas)]  # fmt: skip
+    threads = [
+        threading.Thread(target=replica_thread, args=(r,), name=f"replica-{r}", daemon=True)
+        for r in range(spec.replicas)
+    ]
     started = time.monotonic()
     for thread in threads:
         thread.start()

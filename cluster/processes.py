@@ -20,9 +20,23 @@ log = logging.getLogger(__name__)
 
 def worker_command(address: str, job_id: str, index: int, device: str, threads: int) -> list[str]:
     return [
-        sys.executable, "-m", "cluster.cli", "worker", "--coordinator", address, "--job", job_id,
-        "--name", f"worker-{index}", "--replica", str(index), "--device", device, "--threads", str(threads),
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "cluster.cli",
+        "worker",
+        "--coordinator",
+        address,
+        "--job",
+        job_id,
+        "--name",
+        f"worker-{index}",
+        "--replica",
+        str(index),
+        "--device",
+        device,
+        "--threads",
+        str(threads),
+    ]
 
 
 def reap(procs: list[subprocess.Popen[bytes]], grace_s: float = 10.0) -> None:

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 from pathlib import Path
@@ -79,9 +80,13 @@ def cmd_worker(args: argparse.Namespace) -> int:
     endpoint = Endpoint.resolve(args.coordinator, args.token_file, args.ca_cert)
     with GrpcTransport(endpoint.address, endpoint.token, endpoint.ca_cert, job_id=args.job) as transport:
         loop = WorkerLoop(
-            transport, args.name, args.device, want_replica=args.replica,
-            serve_forever=args.job is None, reconnect_s=args.reconnect_s,
-        )  # fmt: skip
+            transport,
+            args.name,
+            args.device,
+            want_replica=args.replica,
+            serve_forever=args.job is None,
+            reconnect_s=args.reconnect_s,
+        )
         stop = threading.Event()
         _on_signals(stop)
 
@@ -98,6 +103,13 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from protos.spec import load_spec
 
     spec = load_spec(args.config, args.set)  # validate here: a bad file never reaches the coordinator
+    if args.ray:
+        from ray.job_submission import JobSubmissionClient
+
+        entrypoint = f"parle train {args.config} --runtime ray" + "".join(f" --set {s}" for s in args.set)
+        client = JobSubmissionClient(args.ray)
+        print(client.submit_job(entrypoint=entrypoint, runtime_env={"working_dir": str(args.working_dir)}))
+        return 0
     with _client(args) as client:
         print(client.submit(spec.to_yaml()))
     return 0
@@ -114,8 +126,10 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     print(f"{'ID':<28}{'STATE':<11}{'ROUND':>11}{'EPOCH':>8}{'WORKERS':>9}{'TEST ERR':>10}")
     for j in jobs:
         err = f"{100 * j['test_error']:.2f}%" if "test_error" in j else "-"
-        print(f"{j['id']:<28}{j['state']:<11}{j['round']:>5}/{j['total_rounds']:<5}{j['epoch']:>8.2f}"
-              f"{j['live_workers']:>5}/{j['replicas']:<3}{err:>10}")  # fmt: skip
+        print(
+            f"{j['id']:<28}{j['state']:<11}{j['round']:>5}/{j['total_rounds']:<5}{j['epoch']:>8.2f}"
+            f"{j['live_workers']:>5}/{j['replicas']:<3}{err:>10}"
+        )
     return 0
 
 
@@ -175,7 +189,7 @@ def add_service_commands(sub: argparse._SubParsersAction) -> None:
     _client_flags(wk)
     wk.add_argument("--job", help="serve this job and exit when it ends (default: serve any job, forever)")
     wk.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
-    wk.add_argument("--name", default=f"worker-{__import__('socket').gethostname()}")
+    wk.add_argument("--name", default=f"worker-{socket.gethostname()}-{os.getpid()}")
     wk.add_argument("--replica", type=int, help="ask for this replica index")
     wk.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     wk.add_argument("--reconnect-s", type=float, default=300.0, help="keep retrying an unreachable coordinator")
@@ -186,6 +200,8 @@ def add_service_commands(sub: argparse._SubParsersAction) -> None:
     sm = sub.add_parser("submit", help="submit a job; prints its id")
     sm.add_argument("config", type=Path)
     sm.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    sm.add_argument("--ray", metavar="http://HEAD:8265", help="submit to a Ray cluster instead (prints the Ray job id)")
+    sm.add_argument("--working-dir", type=Path, default=Path("."), help="with --ray: uploaded as the job's working dir")
     _client_flags(sm)
     sm.set_defaults(func=cmd_submit)
 

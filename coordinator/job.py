@@ -168,9 +168,16 @@ class Job:
 
     # ----- membership ----------------------------------------------------------------------------
 
+    @property
+    def rounds_done(self) -> bool:
+        """Every round has closed (final duties such as the last eval may still be running)."""
+        return self.round >= self.schedule.total_rounds
+
     def join(self, name: str, device: str, want_replica: int | None = None) -> JoinGrant:
         with self._cond:
             self._require_running()
+            if self.rounds_done:
+                raise CoordinatorError("FAILED_PRECONDITION", f"job {self.job_id} has run all its rounds")
             taken = {m.replica for m in self._members.values()}
             free = [r for r in range(self.spec.replicas) if r not in taken]
             if not free:
@@ -485,9 +492,25 @@ class Job:
             }
         )
 
+    def checkpoint_now(self) -> Path | None:
+        """A checkpoint of the reference alone, right away (e.g. on ``ray job stop``): a resume from it
+        restarts the replicas from the reference."""
+        with self._cond:
+            if self.reference is None:
+                return None
+            pending = _PendingCheckpoint(self.round, self.reference.clone(), set())
+            self._write_checkpoint(pending)
+            return self.store.directory
+
+    def drop_replica(self, replica: int, why: str = "lost") -> None:
+        """Drop the member serving ``replica`` (its runtime saw it die)."""
+        with self._cond:
+            for worker_id, member in list(self._members.items()):
+                if member.replica == replica:
+                    self._drop(worker_id, why)
+
     def _maybe_finish(self) -> None:
-        done = self.round >= self.schedule.total_rounds
-        if done and not self.state.terminal and self._awaiting_eval is None and self._checkpoint is None:
+        if self.rounds_done and not self.state.terminal and self._awaiting_eval is None and self._checkpoint is None:
             if self.reference is not None:
                 save_tensors(self.directory / "reference.safetensors", {"reference": self.reference})
             self._set_state(JobState.SUCCEEDED)

@@ -58,8 +58,9 @@ class Registry:
                 (job_id, name, spec_json, state, now, now, str(directory)),
             )
 
-    def update(self, job_id: str, *, state: str | None = None, message: str | None = None,
-               round: int | None = None) -> None:  # fmt: skip
+    def update(
+        self, job_id: str, *, state: str | None = None, message: str | None = None, round: int | None = None
+    ) -> None:
         sets: list[str] = ["updated = ?"]
         values: list[object] = [time.time()]
         for column, value in (("state", state), ("message", message), ("round", round)):

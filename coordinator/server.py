@@ -153,9 +153,13 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         # coordinator memory grows with the model, not with workers x model.
         with self.upload_slots:
             tensors = receive_tensors(
-                up.tensors, request_iterator, expected=expected, require_finite=True,
-                max_total_bytes=MAX_UPLOAD_BYTES, context=context,
-            )  # fmt: skip
+                up.tensors,
+                request_iterator,
+                expected=expected,
+                require_finite=True,
+                max_total_bytes=MAX_UPLOAD_BYTES,
+                context=context,
+            )
             expect_end(request_iterator, context)
             reply = job.report(up.worker_id, up.round, tensors.popitem()[1], stats)
         metrics.EXCHANGE_BYTES.labels("up").inc(wire_bytes(up.tensors))
@@ -196,9 +200,12 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         head = first.header
         job = self._member_job(head.job_id, head.worker_id)
         tensors = receive_tensors(
-            head.tensors, request_iterator, require_finite=head.state_kind == pb.STATE_KIND_REPLICA,
-            max_total_bytes=MAX_UPLOAD_BYTES, context=f"report from {head.worker_id}, round {head.round}",
-        )  # fmt: skip
+            head.tensors,
+            request_iterator,
+            require_finite=head.state_kind == pb.STATE_KIND_REPLICA,
+            max_total_bytes=MAX_UPLOAD_BYTES,
+            context=f"report from {head.worker_id}, round {head.round}",
+        )
         expect_end(request_iterator, f"report from {head.worker_id}, round {head.round}")
         if head.state_kind == pb.STATE_KIND_REPLICA:
             job.report_state(head.worker_id, head.round, tensors)
@@ -214,10 +221,16 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
 def job_info(manager: JobManager, record: JobRecord) -> pb.JobInfo:
     spec = json.loads(record.spec_json)
     info = pb.JobInfo(
-        id=record.id, name=record.name, state=JOB_STATES[record.state], round=record.round,
-        replicas=spec["replicas"], created_unix_seconds=record.created, updated_unix_seconds=record.updated,
-        message=record.message, spec_json=record.spec_json,
-    )  # fmt: skip
+        id=record.id,
+        name=record.name,
+        state=JOB_STATES[record.state],
+        round=record.round,
+        replicas=spec["replicas"],
+        created_unix_seconds=record.created,
+        updated_unix_seconds=record.updated,
+        message=record.message,
+        spec_json=record.spec_json,
+    )
     with contextlib.suppress(CoordinatorError):
         job = manager.job(record.id)
         info.state = JOB_STATES[job.state.value]
@@ -242,11 +255,16 @@ def _event_to_pb(job_id: str, event: dict[str, Any]) -> pb.JobEvent | None:
     out = pb.JobEvent(job_id=job_id, unix_seconds=time.time())
     kind = event.get("kind")
     if kind == "round":
-        out.round.CopyFrom(pb.RoundEvent(
-            round=event["round"], epoch=event["epoch"], train_loss=event["train_loss"], contributors=event["workers"],
-            round_seconds=event["round_seconds"],
-            values=pb.RoundValues(round=event["round"], gamma=event["gamma"], rho=event["rho"], lr=event["lr"]),
-        ))  # fmt: skip
+        out.round.CopyFrom(
+            pb.RoundEvent(
+                round=event["round"],
+                epoch=event["epoch"],
+                train_loss=event["train_loss"],
+                contributors=event["workers"],
+                round_seconds=event["round_seconds"],
+                values=pb.RoundValues(round=event["round"], gamma=event["gamma"], rho=event["rho"], lr=event["lr"]),
+            )
+        )
     elif kind == "eval":
         split = {"train": pb.SPLIT_TRAIN, "test": pb.SPLIT_TEST}.get(event["split"], pb.SPLIT_VALIDATION)
         result = pb.EvalResult(round=event["round"], split=split, loss=event["loss"], error=event["error"])
@@ -335,9 +353,12 @@ class JobsServicer(pb_grpc.JobsServicer):
             tensors = {"reference": ckpt.tensors["reference"]} if what == pb.ARTIFACT_REFERENCE else ckpt.tensors
         encoded = encode_tensors(sorted(tensors.items()), request.compression or pb.COMPRESSION_NONE)
         header = pb.DownloadHeader(
-            job_id=request.job_id, round=int(manifest.get("round", 0)), what=what,
-            manifest_json=json.dumps(manifest), tensors=encoded.headers,
-        )  # fmt: skip
+            job_id=request.job_id,
+            round=int(manifest.get("round", 0)),
+            what=what,
+            manifest_json=json.dumps(manifest),
+            tensors=encoded.headers,
+        )
         yield pb.DownloadChunk(header=header)
         yield from tensor_chunks(encoded.chunks, pb.DownloadChunk)
 
@@ -372,8 +393,12 @@ class CoordinatorServer:
             raise OSError(f"--listen {listen}: could not bind")
         self.address = f"{host}:{self.port}"
         self.server.start()
-        log.info("coordinator listening on %s (%s, %s)", self.address, "TLS" if creds else "plaintext",
-                 "token required" if token else "no token")  # fmt: skip
+        log.info(
+            "coordinator listening on %s (%s, %s)",
+            self.address,
+            "TLS" if creds else "plaintext",
+            "token required" if token else "no token",
+        )
 
     def wait(self) -> None:
         self.server.wait_for_termination()

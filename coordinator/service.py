@@ -96,7 +96,11 @@ class JobManager:
             self.record(job_id)
             return self.job(job_id)
         with self._lock:
-            open_jobs = [j for j in self._jobs.values() if not j.state.terminal and j.live_workers < j.spec.replicas]
+            open_jobs = [
+                j
+                for j in self._jobs.values()
+                if not j.state.terminal and not j.rounds_done and j.live_workers < j.spec.replicas
+            ]
         if not open_jobs:
             raise CoordinatorError("UNAVAILABLE", "no job needs a worker right now")
         return open_jobs[0]

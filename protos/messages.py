@@ -80,6 +80,10 @@ class CoordinatorError(RuntimeError):
         super().__init__(message)
         self.code = code
 
+    def __reduce__(self) -> tuple[type[CoordinatorError], tuple[str, str]]:
+        # Travels intact through pickling (Ray actor calls re-raise it on the caller's side).
+        return (CoordinatorError, (self.code, str(self)))
+
 
 class JobEndpoint(Protocol):
     """What a transport needs from one job's coordinator side (``coordinator.job.Job`` implements it)."""

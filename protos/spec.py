@@ -164,6 +164,17 @@ class CheckpointSpec(_Strict):
     keep: int = Field(3, ge=1)
 
 
+class RaySpec(_Strict):
+    """Placement of a job on a Ray cluster (``parle train --runtime ray``)."""
+
+    address: str = Field("auto", description="ray.init address; auto: the cluster this driver runs on")
+    num_cpus: float = Field(1.0, ge=0.0, description="CPUs per replica (fractions allowed)")
+    num_gpus: float = Field(0.0, ge=0.0, description="GPUs per replica; fractions let replicas share a GPU")
+    placement: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    schedule_timeout_s: float = Field(60.0, gt=0.0, description="fail if the replicas cannot be placed in time")
+    metrics_port: int = Field(0, ge=0, le=65535, description="coordinator actor's /metrics port (0: off)")
+
+
 class RuntimeSpec(_Strict):
     """How the job's parts talk (service runtimes; the local runtime ignores it)."""
 
@@ -172,6 +183,7 @@ class RuntimeSpec(_Strict):
     start_timeout_s: float = Field(
         300.0, gt=0.0, description="sync: wait this long for all replicas to join before starting with fewer"
     )
+    ray: RaySpec = Field(default_factory=RaySpec)
 
 
 class JobSpec(_Strict):

@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"
-APT_PACKAGES=(dataset-fashion-mnist)
+APT_PACKAGES=(dataset-fashion-mnist prometheus)
 VENV=.venv
 
 if [[ "${PARLE_SKIP_APT:-0}" != 1 ]] && command -v apt-get >/dev/null; then

@@ -82,8 +82,10 @@ class NaiveReplica:
         y, mu, buf = [xi.clone() for xi in x], [xi.clone() for xi in x], None
         for _ in range(int(o["L"])):
             self.set(y)
-            g = [gi + o["wd"] * yi + gamma * (yi - xi)
-                 for gi, yi, xi in zip(_grads(self.model, batches.pop(0)), y, x, strict=True)]  # fmt: skip
+            g = [
+                gi + o["wd"] * yi + gamma * (yi - xi)
+                for gi, yi, xi in zip(_grads(self.model, batches.pop(0)), y, x, strict=True)
+            ]
             g, buf = _nesterov(g, buf, o["inner_momentum"])
             y = [yi - o["inner_lr"] * gi for yi, gi in zip(y, g, strict=True)]
             mu = [o["beta1"] * mi + (1 - o["beta1"]) * yi for mi, yi in zip(mu, y, strict=True)]
@@ -126,9 +128,21 @@ def test_entropysgd_L0_equals_torch_sgd_nesterov(weight_decay: float) -> None:
 def test_entropysgd_noise0_equals_naive_worker_rule() -> None:
     o = {"L": 5, "wd": 1e-3, "inner_lr": 0.1, "inner_momentum": 0.9, "beta1": 0.75, "momentum": 0.5}
     ours, naive_model = _model(), _model()
-    opt = EntropySGD(ours.parameters(), lr=0.7, momentum=o["momentum"], nesterov=True, weight_decay=o["wd"],
-                     L=5, gamma=0.03, gamma_growth=0.2, gamma_max=0.05, inner_lr=0.1, inner_momentum=0.9,
-                     noise=0.0, beta1=0.75)  # fmt: skip
+    opt = EntropySGD(
+        ours.parameters(),
+        lr=0.7,
+        momentum=o["momentum"],
+        nesterov=True,
+        weight_decay=o["wd"],
+        L=5,
+        gamma=0.03,
+        gamma_growth=0.2,
+        gamma_max=0.05,
+        inner_lr=0.1,
+        inner_momentum=0.9,
+        noise=0.0,
+        beta1=0.75,
+    )
     naive = NaiveReplica(naive_model, o)
     batches = _batches(5 * 6)
     queue = list(batches)
@@ -254,9 +268,14 @@ def test_sync_mean_is_the_mean_and_order_free() -> None:
 
 
 def test_schedule_scoping_caps_and_lr_drops() -> None:
-    spec = resolve({"preset": "parle", "data": {"name": "synthetic", "synthetic_size": 1280, "batch_size": 64},
-                    "optim": {"L": 5, "gamma_growth": 0.5, "rho_growth": 0.1, "lr_drop_epochs": [1.0, 2.0]},
-                    "epochs": 3})  # fmt: skip
+    spec = resolve(
+        {
+            "preset": "parle",
+            "data": {"name": "synthetic", "synthetic_size": 1280, "batch_size": 64},
+            "optim": {"L": 5, "gamma_growth": 0.5, "rho_growth": 0.1, "lr_drop_epochs": [1.0, 2.0]},
+            "epochs": 3,
+        }
+    )
     s = Schedule(spec)
     assert s.batches_per_epoch == 20 and s.steps_per_round == 5 and s.total_rounds == 12
     for k in range(12):
@@ -264,8 +283,9 @@ def test_schedule_scoping_caps_and_lr_drops() -> None:
         assert s.rho(k) == min(1.0 * 1.1**k, 10.0)
     assert s.gamma(12) == 1.0 and s.rho(30) == 10.0  # capped
     assert [s.lr(k) for k in (0, 3, 4, 7, 8)] == pytest.approx([0.1, 0.1, 0.01, 0.01, 0.001])
-    default = Schedule(resolve({"preset": "parle", "data": {"name": "synthetic", "synthetic_size": 1280,
-                                                             "batch_size": 64}}))  # fmt: skip
+    default = Schedule(
+        resolve({"preset": "parle", "data": {"name": "synthetic", "synthetic_size": 1280, "batch_size": 64}})
+    )
     assert default.gamma_growth == pytest.approx(0.5 / 20)
 
 

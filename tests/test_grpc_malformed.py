@@ -90,15 +90,19 @@ def join_raw(coord: pb_grpc.CoordinatorStub, job_id: str, name: str = "raw") -> 
     return str(head.worker_id)
 
 
-def upload(
-    job_id: str, worker_id: str, round: int, headers: list[pb.TensorHeader]
-) -> pb.ExchangeChunk:  # fmt: skip
+def upload(job_id: str, worker_id: str, round: int, headers: list[pb.TensorHeader]) -> pb.ExchangeChunk:
     return pb.ExchangeChunk(
         upload=pb.ExchangeUpload(
-            worker_id=worker_id, job_id=job_id, round=round, train_loss=1.0, inner_steps=2, samples=64,
-            chain_seconds=0.01, tensors=headers,
+            worker_id=worker_id,
+            job_id=job_id,
+            round=round,
+            train_loss=1.0,
+            inner_steps=2,
+            samples=64,
+            chain_seconds=0.01,
+            tensors=headers,
         )
-    )  # fmt: skip
+    )
 
 
 def encode(
@@ -201,15 +205,24 @@ def rejects(env: Env, code: grpc.StatusCode, send: Callable[[], object], *, coun
     return err
 
 
-def exchange_rejects(env: Env, code: grpc.StatusCode, headers: list[pb.TensorHeader], rest: list[Any], *,
-                     round: int | None = None, worker_id: str | None = None, job_id: str | None = None,
-                     counted: bool = True) -> grpc.RpcError:  # fmt: skip
+def exchange_rejects(
+    env: Env,
+    code: grpc.StatusCode,
+    headers: list[pb.TensorHeader],
+    rest: list[Any],
+    *,
+    round: int | None = None,
+    worker_id: str | None = None,
+    job_id: str | None = None,
+    counted: bool = True,
+) -> grpc.RpcError:
     """An Exchange from the raw worker (current round unless told) with ``rest`` after the upload header."""
 
     def send() -> object:
         k = env.job.round if round is None else round
-        first = upload(env.job_id if job_id is None else job_id, env.worker_id if worker_id is None else worker_id,
-                       k, headers)  # fmt: skip
+        first = upload(
+            env.job_id if job_id is None else job_id, env.worker_id if worker_id is None else worker_id, k, headers
+        )
         messages = [first, *(m if isinstance(m, pb.ExchangeChunk) else pb.ExchangeChunk(chunk=m) for m in rest)]
         return raw_exchange(env.coord, messages)
 
@@ -327,8 +340,13 @@ def test_message_over_grpc_receive_limit(env: Env) -> None:
 def test_tensor_set_too_large(env: Env) -> None:
     elements = 3 << 30  # 12 GiB of float32: more than the coordinator accepts in one upload
     total = elements * 4
-    header = pb.TensorHeader(name="mu", dtype=pb.DTYPE_FLOAT32, shape=[elements], total_bytes=total,
-                             num_chunks=math.ceil(total / MAX_CHUNK_BYTES))  # fmt: skip
+    header = pb.TensorHeader(
+        name="mu",
+        dtype=pb.DTYPE_FLOAT32,
+        shape=[elements],
+        total_bytes=total,
+        num_chunks=math.ceil(total / MAX_CHUNK_BYTES),
+    )
     exchange_rejects(env, grpc.StatusCode.RESOURCE_EXHAUSTED, [header], [pb.TensorChunk(data=bytes(1024))])
 
 
@@ -497,9 +515,18 @@ def test_any_fp16_overflow(env: Env, magnitude: float, sign: float, position: in
 
 
 MUTATIONS = [
-    "drop", "swap", "duplicate", "tensor_index", "chunk_index", "truncate", "pad", "num_chunks", "total_bytes",
-    "intruder", "flip_with_sha",
-]  # fmt: skip
+    "drop",
+    "swap",
+    "duplicate",
+    "tensor_index",
+    "chunk_index",
+    "truncate",
+    "pad",
+    "num_chunks",
+    "total_bytes",
+    "intruder",
+    "flip_with_sha",
+]
 
 
 def mutate(
@@ -713,8 +740,10 @@ def test_report_malformed(env: Env) -> None:
     state = torch.randn(100)
     state[5] = math.nan
     headers, chunks = encode_tensors([("weights", state)])
-    nan_state = [report_header(env, state_kind=pb.STATE_KIND_REPLICA, tensors=headers),
-                 *(pb.ReportChunk(chunk=c) for c in chunks)]  # fmt: skip
+    nan_state = [
+        report_header(env, state_kind=pb.STATE_KIND_REPLICA, tensors=headers),
+        *(pb.ReportChunk(chunk=c) for c in chunks),
+    ]
     rejects(env, INVALID, report(env, nan_state))
     rejects(env, INVALID, report(env, []))
     rejects(env, INVALID, report(env, [pb.ReportChunk(chunk=pb.TensorChunk(data=b"1234"))]))
@@ -722,18 +751,23 @@ def test_report_malformed(env: Env) -> None:
     rejects(env, INVALID, report(env, [report_header(env, evals=[bad_split])]))
     # A short tensor stream.
     headers, chunks = encode_tensors([("weights", torch.randn(100))], chunk_bytes=100)
-    short = [report_header(env, state_kind=pb.STATE_KIND_REPLICA, tensors=headers),
-             *(pb.ReportChunk(chunk=c) for c in list(chunks)[:-1])]  # fmt: skip
+    short = [
+        report_header(env, state_kind=pb.STATE_KIND_REPLICA, tensors=headers),
+        *(pb.ReportChunk(chunk=c) for c in list(chunks)[:-1]),
+    ]
     rejects(env, INVALID, report(env, short))
     # A valid replica state when no checkpoint is being taken.
     headers, chunks = encode_tensors([("weights", torch.randn(100))])
-    state_now = [report_header(env, state_kind=pb.STATE_KIND_REPLICA, tensors=headers),
-                 *(pb.ReportChunk(chunk=c) for c in chunks)]  # fmt: skip
+    state_now = [
+        report_header(env, state_kind=pb.STATE_KIND_REPLICA, tensors=headers),
+        *(pb.ReportChunk(chunk=c) for c in chunks),
+    ]
     rejects(env, grpc.StatusCode.FAILED_PRECONDITION, report(env, state_now))
     # Too large: announced bytes beyond the limit.
     total = 9 << 30
-    big = pb.TensorHeader(name="x", dtype=pb.DTYPE_UINT8, shape=[total], total_bytes=total,
-                          num_chunks=math.ceil(total / MAX_CHUNK_BYTES))  # fmt: skip
+    big = pb.TensorHeader(
+        name="x", dtype=pb.DTYPE_UINT8, shape=[total], total_bytes=total, num_chunks=math.ceil(total / MAX_CHUNK_BYTES)
+    )
     rejects(env, grpc.StatusCode.RESOURCE_EXHAUSTED, report(env, [report_header(env, tensors=[big])]))
 
 
@@ -848,8 +882,21 @@ def test_submit_replicas_beyond_the_wire_type(own_server: tuple[CoordinatorServe
     )
 
 
-SPEC_KEYS = ["name", "replicas", "epochs", "max_rounds", "seed", "device", "model", "data", "optim",
-             "eval", "checkpoint", "runtime", "bogus"]  # fmt: skip
+SPEC_KEYS = [
+    "name",
+    "replicas",
+    "epochs",
+    "max_rounds",
+    "seed",
+    "device",
+    "model",
+    "data",
+    "optim",
+    "eval",
+    "checkpoint",
+    "runtime",
+    "bogus",
+]
 SCALARS = st.one_of(
     st.none(),
     st.booleans(),
@@ -899,12 +946,15 @@ def test_unknown_job_ids_are_not_found(env: Env, job: str) -> None:
     if job == env.job_id:
         job += "-"
     rejects(env, grpc.StatusCode.NOT_FOUND, lambda: env.jobs.Get(pb.GetRequest(job_id=job), timeout=CALL_TIMEOUT))
-    rejects(env, grpc.StatusCode.NOT_FOUND,
-            lambda: env.jobs.Cancel(pb.CancelRequest(job_id=job), timeout=CALL_TIMEOUT))  # fmt: skip
-    rejects(env, grpc.StatusCode.NOT_FOUND,
-            lambda: list(env.jobs.Download(pb.DownloadRequest(job_id=job), timeout=CALL_TIMEOUT)))  # fmt: skip
-    rejects(env, grpc.StatusCode.NOT_FOUND,
-            lambda: list(env.jobs.Watch(pb.WatchRequest(job_id=job), timeout=CALL_TIMEOUT)))  # fmt: skip
+    rejects(env, grpc.StatusCode.NOT_FOUND, lambda: env.jobs.Cancel(pb.CancelRequest(job_id=job), timeout=CALL_TIMEOUT))
+    rejects(
+        env,
+        grpc.StatusCode.NOT_FOUND,
+        lambda: list(env.jobs.Download(pb.DownloadRequest(job_id=job), timeout=CALL_TIMEOUT)),
+    )
+    rejects(
+        env, grpc.StatusCode.NOT_FOUND, lambda: list(env.jobs.Watch(pb.WatchRequest(job_id=job), timeout=CALL_TIMEOUT))
+    )
 
 
 @pytest.mark.timeout(60)

@@ -111,9 +111,18 @@ def every_rpc(s: Secured) -> dict[str, Callable[[list[tuple[str, str]]], object]
 
 
 RPCS = [
-    "Coordinator.Join", "Coordinator.Exchange", "Coordinator.Heartbeat", "Coordinator.Leave", "Coordinator.Report",
-    "Jobs.Submit", "Jobs.Get", "Jobs.List", "Jobs.Cancel", "Jobs.Watch", "Jobs.Download",
-]  # fmt: skip
+    "Coordinator.Join",
+    "Coordinator.Exchange",
+    "Coordinator.Heartbeat",
+    "Coordinator.Leave",
+    "Coordinator.Report",
+    "Jobs.Submit",
+    "Jobs.Get",
+    "Jobs.List",
+    "Jobs.Cancel",
+    "Jobs.Watch",
+    "Jobs.Download",
+]
 BAD_METADATA: dict[str, list[tuple[str, str]]] = {
     "none": [],
     "wrong": bearer("s3cre7"),
@@ -214,10 +223,28 @@ def openssl(*args: str, cwd: Path) -> None:
 
 def make_ca(directory: Path, name: str) -> tuple[Path, Path]:
     key, cert = directory / f"{name}.key", directory / f"{name}.pem"
-    openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-            "-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", f"/CN={name}",
-            "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign",
-            cwd=directory)  # fmt: skip
+    openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-keyout",
+        str(key),
+        "-out",
+        str(cert),
+        "-days",
+        "2",
+        "-subj",
+        f"/CN={name}",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
+        cwd=directory,
+    )
     return key, cert
 
 
@@ -228,10 +255,41 @@ def make_server_cert(directory: Path, ca_key: Path, ca_cert: Path, san: str) -> 
         f"subjectAltName={san}\nbasicConstraints=CA:FALSE\n"
         "keyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n"
     )
-    openssl("req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-            "-keyout", str(key), "-out", str(csr), "-subj", "/CN=localhost", cwd=directory)  # fmt: skip
-    openssl("x509", "-req", "-in", str(csr), "-CA", str(ca_cert), "-CAkey", str(ca_key), "-set_serial", "4242",
-            "-out", str(cert), "-days", "2", "-extfile", str(ext), cwd=directory)  # fmt: skip
+    openssl(
+        "req",
+        "-new",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-keyout",
+        str(key),
+        "-out",
+        str(csr),
+        "-subj",
+        "/CN=localhost",
+        cwd=directory,
+    )
+    openssl(
+        "x509",
+        "-req",
+        "-in",
+        str(csr),
+        "-CA",
+        str(ca_cert),
+        "-CAkey",
+        str(ca_key),
+        "-set_serial",
+        "4242",
+        "-out",
+        str(cert),
+        "-days",
+        "2",
+        "-extfile",
+        str(ext),
+        cwd=directory,
+    )
     return cert, key
 
 

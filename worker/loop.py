@@ -267,8 +267,9 @@ class WorkerLoop:
 
     def _chain(self, values: RoundValues) -> tuple[Tensor, RoundStats]:
         optim = self.spec.optim
-        hp = ChainHyper(values.gamma, optim.inner_lr, optim.inner_momentum, optim.noise, optim.beta1,
-                        optim.weight_decay)  # fmt: skip
+        hp = ChainHyper(
+            values.gamma, optim.inner_lr, optim.inner_momentum, optim.noise, optim.beta1, optim.weight_decay
+        )
         self.work.model.train()
         started = time.perf_counter()
         mu, loss_sum = self.replica.begin_round(self._grad_at_live, hp, self.rng.noise)

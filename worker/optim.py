@@ -77,9 +77,20 @@ class EntropySGD(torch.optim.Optimizer):
         _check("beta1", beta1, 0.0, high=1.0)
         if nesterov and momentum <= 0:
             raise ValueError("EntropySGD: nesterov=True requires momentum > 0")
-        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, L=L,
-                        gamma=gamma, gamma_growth=gamma_growth, gamma_max=gamma_max, inner_lr=inner_lr,
-                        inner_momentum=inner_momentum, noise=noise, beta1=beta1)  # fmt: skip
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            nesterov=nesterov,
+            weight_decay=weight_decay,
+            L=L,
+            gamma=gamma,
+            gamma_growth=gamma_growth,
+            gamma_max=gamma_max,
+            inner_lr=inner_lr,
+            inner_momentum=inner_momentum,
+            noise=noise,
+            beta1=beta1,
+        )
         super().__init__(params, defaults)
         if len(self.param_groups) != 1:
             raise ValueError(f"EntropySGD: params must form one parameter group (got {len(self.param_groups)})")

@@ -134,10 +134,15 @@ class GrpcTransport:
     def exchange(self, round: int, mu: Tensor, stats: RoundStats) -> ExchangeReply:
         encoded = encode_tensors([("mu", mu)], self._compression)
         upload = pb.ExchangeUpload(
-            worker_id=self.worker_id, job_id=self.job_id, round=round, train_loss=stats.train_loss,
-            inner_steps=stats.inner_steps, samples=stats.samples, chain_seconds=stats.chain_seconds,
+            worker_id=self.worker_id,
+            job_id=self.job_id,
+            round=round,
+            train_loss=stats.train_loss,
+            inner_steps=stats.inner_steps,
+            samples=stats.samples,
+            chain_seconds=stats.chain_seconds,
             tensors=encoded.headers,
-        )  # fmt: skip
+        )
 
         def requests() -> Iterator[pb.ExchangeChunk]:
             yield pb.ExchangeChunk(upload=upload)
@@ -169,11 +174,14 @@ class GrpcTransport:
         self.bytes_sent += wire_bytes(encoded.headers)
 
     def report_eval(self, report: EvalReport) -> None:
-        evals = [pb.EvalResult(round=report.round, split=SPLITS[split], loss=loss, error=error)
-                 for split, (loss, error) in report.results.items()]  # fmt: skip
+        evals = [
+            pb.EvalResult(round=report.round, split=SPLITS[split], loss=loss, error=error)
+            for split, (loss, error) in report.results.items()
+        ]
         kind = pb.STATE_KIND_MODEL if report.model_state is not None else pb.STATE_KIND_UNSPECIFIED
-        header = pb.ReportHeader(round=report.round, evals=evals, stats=pb.WorkerStats(epoch=report.epoch),
-                                 state_kind=kind)  # fmt: skip
+        header = pb.ReportHeader(
+            round=report.round, evals=evals, stats=pb.WorkerStats(epoch=report.epoch), state_kind=kind
+        )
         self._report(header, sorted((report.model_state or {}).items()))
 
     def report_state(self, round: int, state: dict[str, Tensor]) -> None:
