@@ -239,7 +239,7 @@ def test_compose_topology_trains_and_prometheus_scrapes_the_coordinator_and_ever
     )
     assert sum(int(w["value"][1]) for w in workers) == 3 * info["round"]
     assert len(topo.query('up{service=~"coordinator|worker"} == 1')) == 4
-    wait_for(lambda: topo.query(f'job:parle_rounds:rate1m{{job="{job_id}"}} > 0'), 30, "the recording rule")
+    wait_for(lambda: topo.query(f'job:parle_rounds:rate1m{{job="{job_id}"}} >= 0'), 30, "the recording rule")
     with urllib.request.urlopen(f"{topo.prometheus_url}/api/v1/rules", timeout=10) as reply:
         groups = json.load(reply)["data"]["groups"]
     assert {g["name"] for g in groups} == {"parle.recording", "parle.alerts"}
