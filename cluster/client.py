@@ -7,14 +7,20 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-from torch import Tensor
+from typing import TYPE_CHECKING, Any
 
 from protos import parle_pb2 as pb
 from protos import parle_pb2_grpc as pb_grpc
-from protos.wire import JOB_STATE_NAMES, receive_tensors
-from worker.transports.grpc import call, open_channel
+from protos.rpc import call, open_channel
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+
+def state_name(state: int) -> str:
+    """JOB_STATE_RUNNING -> running."""
+    return str(pb.JobState.Name(state)).removeprefix("JOB_STATE_").lower()
+
 
 ARTIFACTS = {"reference": pb.ARTIFACT_REFERENCE, "checkpoint": pb.ARTIFACT_CHECKPOINT, "model": pb.ARTIFACT_MODEL}
 
@@ -46,7 +52,7 @@ def describe(info: pb.JobInfo) -> dict[str, Any]:
     out: dict[str, Any] = {
         "id": info.id,
         "name": info.name,
-        "state": JOB_STATE_NAMES.get(info.state, "unknown"),
+        "state": state_name(info.state),
         "round": info.round,
         "total_rounds": info.total_rounds,
         "epoch": round(info.epoch, 3),
@@ -94,6 +100,8 @@ class JobsClient:
 
     def download(self, job_id: str, what: str = "reference") -> tuple[dict[str, Tensor], dict[str, Any]]:
         request = pb.DownloadRequest(job_id=job_id, what=ARTIFACTS[what])
+
+        from protos.wire import receive_tensors  # torch: only downloads need it
 
         def run() -> tuple[dict[str, Tensor], dict[str, Any]]:
             stream = self.stub.Download(request, metadata=self.metadata, timeout=max(self.timeout_s, 600))

@@ -24,6 +24,18 @@ def curves(events: list[dict[str, Any]]) -> dict[str, list[tuple[float, float, f
     return out
 
 
+def smooth(values: tuple[float, ...], points: int = 200) -> list[float]:
+    """Trailing mean over about len/points rounds: per-mini-batch losses (L = 0) are too noisy to read."""
+    window = max(1, len(values) // points)
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
 def plot_runs(runs: dict[str, list[dict[str, Any]]], output: Path) -> Path:
     """``runs`` maps a label to its events; writes a 2 x 2 figure to ``output``."""
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
@@ -33,7 +45,8 @@ def plot_runs(runs: dict[str, list[dict[str, Any]]], output: Path) -> Path:
             points = series[key]
             if not points:
                 continue
-            epochs, seconds, values = zip(*points, strict=True)
+            epochs, seconds, raw = zip(*points, strict=True)
+            values = raw if key == "test_error" else smooth(raw)
             style = "o-" if key == "test_error" else "-"
             axes[row][0].plot(epochs, values, style, label=label, markersize=3)
             axes[row][1].plot(seconds, values, style, label=label, markersize=3)

@@ -7,11 +7,12 @@ are flat CPU (or device) tensors; transports own copying and encoding.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from torch import Tensor
+if TYPE_CHECKING:  # torch is heavy to import; the client commands use these types without tensors
+    from torch import Tensor
 
-from protos.spec import JobSpec
+    from protos.spec import JobSpec
 
 
 @dataclass(frozen=True)

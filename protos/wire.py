@@ -22,7 +22,6 @@ JOB_STATES = {
     "failed": pb.JOB_STATE_FAILED,
     "cancelled": pb.JOB_STATE_CANCELLED,
 }
-JOB_STATE_NAMES = {v: k for k, v in JOB_STATES.items()}
 
 
 def values_to_pb(v: RoundValues) -> pb.RoundValues:

@@ -10,39 +10,20 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TypeVar
 
-import grpc
 from torch import Tensor
 
 from protos import parle_pb2 as pb
 from protos import parle_pb2_grpc as pb_grpc
 from protos.codec import encode_tensors, wire_bytes
 from protos.messages import CoordinatorError, EvalReport, ExchangeReply, JoinGrant, RoundStats
+from protos.rpc import call, open_channel
 from protos.spec import resolve
 from protos.wire import SPLITS, directives_from_pb, receive_tensors, tensor_chunks, values_from_pb
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
-
-
-def open_channel(address: str, ca_cert: Path | None = None) -> grpc.Channel:
-    options = [("grpc.keepalive_time_ms", 20_000), ("grpc.keepalive_permit_without_calls", 1)]
-    if ca_cert is not None:
-        creds = grpc.ssl_channel_credentials(root_certificates=ca_cert.read_bytes())
-        return grpc.secure_channel(address, creds, options=options)
-    return grpc.insecure_channel(address, options=options)
-
-
-def call(fn: Callable[[], T]) -> T:
-    """Run an RPC, turning ``grpc.RpcError`` into ``CoordinatorError(status name, details)``."""
-    try:
-        return fn()
-    except grpc.RpcError as err:
-        code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
-        raise CoordinatorError(code.name, err.details() if hasattr(err, "details") else str(err)) from None
 
 
 class GrpcTransport:
