@@ -10,30 +10,32 @@ from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
 
-ROUNDS = Counter("parle_rounds_total", "Rounds closed", ["job"])
+ROUNDS = Counter("parle_rounds_total", "Rounds closed", ["job_id"])
 ROUND_SECONDS = Histogram(
     "parle_round_duration_seconds",
     "Wall-clock from a round's opening to its close",
-    ["job"],
+    ["job_id"],
     buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
 )
-LIVE_WORKERS = Gauge("parle_live_workers", "Workers holding a lease on the job", ["job"])
+LIVE_WORKERS = Gauge("parle_live_workers", "Workers holding a lease on the job", ["job_id"])
 MEMBERSHIP = Counter(
-    "parle_membership_events_total", "Workers joining, leaving, or missing their lease", ["job", "event"]
+    "parle_membership_events_total", "Workers joining, leaving, or missing their lease", ["job_id", "event"]
 )
 REJECTED = Counter("parle_rejected_updates_total", "Requests refused before touching state, by reason", ["reason"])
 EXCHANGE_BYTES = Counter("parle_exchange_bytes_total", "Tensor bytes exchanged with workers", ["direction"])
-GAMMA = Gauge("parle_gamma", "Langevin coupling gamma of the last closed round", ["job"])
-RHO = Gauge("parle_rho", "Elastic coupling rho of the last closed round", ["job"])
-LEARNING_RATE = Gauge("parle_learning_rate", "Outer learning rate of the last closed round", ["job"])
-TRAIN_LOSS = Gauge("parle_train_loss", "Mean training loss of the replicas' last round", ["job"])
-EVAL_LOSS = Gauge("parle_eval_loss", "Loss of the reference at the last evaluation", ["job", "split"])
-EVAL_ERROR = Gauge("parle_eval_error_ratio", "Error of the reference at the last evaluation (0..1)", ["job", "split"])
-CONSENSUS = Gauge("parle_consensus_distance", "RMS distance of the coupled averages to the new reference", ["job"])
-JOB_STATE = Gauge("parle_job_state", "1 for the job's current state, 0 for the others", ["job", "state"])
-CHECKPOINTS = Counter("parle_checkpoints_total", "Checkpoints written", ["job"])
-CHECKPOINT_SECONDS = Histogram("parle_checkpoint_duration_seconds", "Time to write a checkpoint", ["job"])
-EPOCH = Gauge("parle_epoch", "Data passes per replica at the last closed round", ["job"])
+GAMMA = Gauge("parle_gamma", "Langevin coupling gamma of the last closed round", ["job_id"])
+RHO = Gauge("parle_rho", "Elastic coupling rho of the last closed round", ["job_id"])
+LEARNING_RATE = Gauge("parle_learning_rate", "Outer learning rate of the last closed round", ["job_id"])
+TRAIN_LOSS = Gauge("parle_train_loss", "Mean training loss of the replicas' last round", ["job_id"])
+EVAL_LOSS = Gauge("parle_eval_loss", "Loss of the reference at the last evaluation", ["job_id", "split"])
+EVAL_ERROR = Gauge(
+    "parle_eval_error_ratio", "Error of the reference at the last evaluation (0..1)", ["job_id", "split"]
+)
+CONSENSUS = Gauge("parle_consensus_distance", "RMS distance of the coupled averages to the new reference", ["job_id"])
+JOB_STATE = Gauge("parle_job_state", "1 for the job's current state, 0 for the others", ["job_id", "state"])
+CHECKPOINTS = Counter("parle_checkpoints_total", "Checkpoints written", ["job_id"])
+CHECKPOINT_SECONDS = Histogram("parle_checkpoint_duration_seconds", "Time to write a checkpoint", ["job_id"])
+EPOCH = Gauge("parle_epoch", "Data passes per replica at the last closed round", ["job_id"])
 
 STATES = ("pending", "running", "succeeded", "failed", "cancelled")
 

@@ -424,7 +424,7 @@ def _run(topo: LocalTopology, workdir: Path, args: argparse.Namespace) -> int:
     print(f"submitted {job_id}: parle status {job_id} --watch --coordinator {topo.coordinator_address}", flush=True)
     info = topo.wait_job(job_id, args.timeout)
     print(json.dumps(info, indent=1))
-    rounds = topo.query(f'sum(parle_rounds_total{{job="{job_id}"}})')
+    rounds = topo.query(f'sum(parle_rounds_total{{job_id="{job_id}"}})')
     print(f"Prometheus: parle_rounds_total {rounds[0]['value'][1] if rounds else '(not scraped yet)'}", flush=True)
     if args.keep:
         print("running; Ctrl-C stops everything", flush=True)

@@ -112,7 +112,7 @@ def test_compose_mounts_build_files_and_grafana_provisioning_line_up() -> None:
     for panel in panels:
         assert panel["datasource"]["uid"] == datasource["uid"], panel["title"]
         assert panel["targets"] and panel["gridPos"]["x"] + panel["gridPos"]["w"] <= 24, panel["title"]
-    assert [v["name"] for v in dashboard["templating"]["list"]] == ["job"]
+    assert [v["name"] for v in dashboard["templating"]["list"]] == ["job_id"]
     dockerfile = (DEPLOY / "Dockerfile").read_text()
     assert 'ENTRYPOINT ["parle"]' in dockerfile and re.search(r"^USER (?!root)\S+", dockerfile, re.M)
     assert ".venv" in (REPO / ".dockerignore").read_text().split()
@@ -144,15 +144,15 @@ evaluation_interval: 1m
 tests:
   - interval: 1m
     input_series:
-      - series: 'parle_job_state{{job="stalled", state="running"}}'
+      - series: 'parle_job_state{{job_id="stalled", state="running"}}'
         values: '1x20'
-      - series: 'parle_rounds_total{{job="stalled"}}'
+      - series: 'parle_rounds_total{{job_id="stalled"}}'
         values: '0 1 2 3 3x17'
-      - series: 'parle_job_state{{job="busy", state="running"}}'
+      - series: 'parle_job_state{{job_id="busy", state="running"}}'
         values: '1x20'
-      - series: 'parle_rounds_total{{job="busy"}}'
+      - series: 'parle_rounds_total{{job_id="busy"}}'
         values: '0+1x20'
-      - series: 'parle_membership_events_total{{job="busy", event="lapse"}}'
+      - series: 'parle_membership_events_total{{job_id="busy", event="lapse"}}'
         values: '0x10 1x10'
     alert_rule_test:
       - eval_time: 6m
@@ -161,22 +161,22 @@ tests:
       - eval_time: 14m
         alertname: ParleNoRounds
         exp_alerts:
-          - exp_labels: {{severity: warning, job: stalled}}
+          - exp_labels: {{severity: warning, job_id: stalled}}
             exp_annotations:
               summary: Parle job stalled closed no round in 5 minutes
               description: "The round clock stopped: check parle_live_workers and the worker logs."
       - eval_time: 12m
         alertname: ParleWorkerLost
         exp_alerts:
-          - exp_labels: {{severity: warning, job: busy}}
+          - exp_labels: {{severity: warning, job_id: busy}}
             exp_annotations:
               summary: Parle job busy lost 1 worker(s) in 10 minutes
               description: A worker stopped calling before its lease ran out (killed, hung, or cut off).
     promql_expr_test:
-      - expr: job:parle_rounds:rate1m{{job="busy"}}
+      - expr: job_id:parle_rounds:rate1m{{job_id="busy"}}
         eval_time: 10m
         exp_samples:
-          - labels: 'job:parle_rounds:rate1m{{job="busy"}}'
+          - labels: 'job_id:parle_rounds:rate1m{{job_id="busy"}}'
             value: 0.016666666666666666
 """
 
@@ -225,12 +225,13 @@ def test_compose_topology_trains_and_prometheus_scrapes_the_coordinator_and_ever
     assert info["round"] == 4
 
     def rounds() -> list[dict[str, Any]]:
-        return topo.query(f'parle_rounds_total{{job="{job_id}", service="coordinator"}} == {info["round"]}')
+        series = f'parle_rounds_total{{job_id="{job_id}", job="parle-coordinator", service="coordinator"}}'
+        return topo.query(f"{series} == {info['round']}")
 
     wait_for(rounds, 30, "parle_rounds_total in Prometheus")
 
     def worker_rounds() -> list[dict[str, Any]]:
-        found = topo.query(f'parle_worker_rounds_total{{job="{job_id}", service="worker"}} > 0')
+        found = topo.query(f'parle_worker_rounds_total{{job_id="{job_id}", job="parle-worker", service="worker"}} > 0')
         return found if len(found) == 3 else []
 
     workers = wait_for(worker_rounds, 30, "parle_worker_rounds_total from 3 workers")
@@ -239,7 +240,7 @@ def test_compose_topology_trains_and_prometheus_scrapes_the_coordinator_and_ever
     )
     assert sum(int(w["value"][1]) for w in workers) == 3 * info["round"]
     assert len(topo.query('up{service=~"coordinator|worker"} == 1')) == 4
-    wait_for(lambda: topo.query(f'job:parle_rounds:rate1m{{job="{job_id}"}} >= 0'), 30, "the recording rule")
+    wait_for(lambda: topo.query(f'job_id:parle_rounds:rate1m{{job_id="{job_id}"}} >= 0'), 30, "the recording rule")
     with urllib.request.urlopen(f"{topo.prometheus_url}/api/v1/rules", timeout=10) as reply:
         groups = json.load(reply)["data"]["groups"]
     assert {g["name"] for g in groups} == {"parle.recording", "parle.alerts"}
@@ -290,8 +291,8 @@ def test_every_metric_in_the_dashboard_and_rules_is_exported(
     assert {n for n in used if ":" in n} <= recorded
     # Every dashboard query is valid PromQL for Prometheus, and the main panels have data for the job.
     for expr in exprs:
-        query = expr.replace("$__rate_interval", "1m").replace("$job", job_id)
+        query = expr.replace("$__rate_interval", "1m").replace("$job_id", job_id)
         if not query.startswith("label_values("):
             topo.query(query)  # raises on a bad query
-    assert topo.query(f'parle_train_loss{{job=~"{job_id}"}}')
-    assert topo.query(f'parle_worker_samples_per_second{{job=~"{job_id}"}}')
+    assert topo.query(f'parle_train_loss{{job_id=~"{job_id}"}}')
+    assert topo.query(f'parle_worker_samples_per_second{{job_id=~"{job_id}"}}')

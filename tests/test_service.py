@@ -151,8 +151,8 @@ def test_killed_worker_drops_out_and_a_new_one_joins_from_the_reference(
     assert min(r["workers"] for r in after_kill) == 2  # the round closed on the live members
     assert max(r["round_seconds"] for r in after_kill) < 2 + 5  # within the lease (2 s) and the reaper's tick
     assert rounds[-1]["workers"] == 3  # the newcomer contributes
-    assert _sample("parle_membership_events_total", {"job": job_id, "event": "lapse"}) == 1
-    assert _sample("parle_membership_events_total", {"job": job_id, "event": "join"}) == 4
+    assert _sample("parle_membership_events_total", {"job_id": job_id, "event": "lapse"}) == 1
+    assert _sample("parle_membership_events_total", {"job_id": job_id, "event": "join"}) == 4
 
 
 @pytest.mark.timeout(300)
