@@ -46,10 +46,27 @@ def _on_signals(stop: threading.Event) -> None:
     signal.signal(signal.SIGINT, handler)
 
 
+def bound_heap() -> None:
+    """Keep the coordinator's memory proportional to the model: glibc otherwise keeps freed model-sized
+    buffers in per-thread arenas (one per gRPC handler thread) and its mmap threshold grows past them, so
+    RSS grew with workers x model size. Large buffers are mmapped (returned on free), arenas capped."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if name is None or not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(name)
+    m_mmap_threshold, m_arena_max = -3, -8
+    libc.mallopt(m_mmap_threshold, 1 << 20)
+    libc.mallopt(m_arena_max, 2)
+
+
 def cmd_coordinator(args: argparse.Namespace) -> int:
     from coordinator.auth import read_token
     from coordinator.server import CoordinatorServer
 
+    bound_heap()
     token = read_token(args.token_file) or os.environ.get("PARLE_TOKEN") or None
     server = CoordinatorServer(args.state_dir, args.listen, token, args.tls_cert, args.tls_key)
     if args.metrics_port:

@@ -363,7 +363,8 @@ class Job:
 
     def _close_round(self, evaluator_hint: str | None = None) -> _Closed:
         k = self.round
-        reference = self._sum.mean()
+        workers = self._sum.count
+        reference, consensus = self._sum.finish()
         live = sorted(self._members.values(), key=lambda m: m.replica)
         evaluator = None
         if live and self.schedule.eval_due(k):
@@ -385,8 +386,8 @@ class Job:
                 "rho": values.rho,
                 "lr": values.lr,
                 "train_loss": sum(losses) / len(losses),
-                "consensus_distance": self._sum.consensus_distance(),
-                "workers": self._sum.count,
+                "consensus_distance": consensus,
+                "workers": workers,
                 "round_seconds": now - self._round_opened,
                 "chain_seconds": max(s.chain_seconds for s in self._stats),
             }

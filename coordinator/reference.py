@@ -22,27 +22,23 @@ class SyncMean:
         self.count = 0
 
     def add(self, mu: Tensor) -> None:
-        mu64 = mu.detach().reshape(-1).to(torch.float64)
+        mu64 = mu.detach().reshape(-1).to(torch.float64, copy=self._sum is None)  # one conversion per report
         if self._sum is None:
-            self._sum = mu64.clone()
-            self._dtype = mu.dtype
+            self._sum, self._dtype = mu64, mu.dtype
         else:
             self._sum.add_(mu64)
         self._sq_norms += float(mu64.dot(mu64))
         self.count += 1
 
-    def mean(self) -> Tensor:
+    def finish(self) -> tuple[Tensor, float]:
+        """The mean (in the reports' dtype) and the consensus distance: the RMS distance of the coupled
+        averages to their mean, sqrt(mean ||mu_a||^2 - ||mean||^2). Consumes the sum."""
         if self._sum is None or self.count == 0:
             raise ValueError("no coupled averages were reported for this round")
-        return (self._sum / self.count).to(self._dtype)
-
-    def consensus_distance(self) -> float:
-        """RMS distance of the coupled averages to their mean: sqrt(mean ||mu_a||^2 - ||mean||^2)."""
-        if self._sum is None or self.count == 0:
-            return 0.0
-        mean = self._sum / self.count
-        spread = self._sq_norms / self.count - float(mean.dot(mean))
-        return max(spread, 0.0) ** 0.5
+        mean64 = self._sum.div_(self.count)
+        spread = self._sq_norms / self.count - float(mean64.dot(mean64))
+        self._sum = None
+        return mean64.to(self._dtype), max(spread, 0.0) ** 0.5
 
 
 def elastic_pull_(reference: Tensor, mu: Tensor, beta: float) -> float:

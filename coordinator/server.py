@@ -156,11 +156,10 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                 up.tensors,
                 request_iterator,
                 expected=expected,
-                require_finite=True,
                 max_total_bytes=MAX_UPLOAD_BYTES,
                 context=context,
             )
-            expect_end(request_iterator, context)
+            expect_end(request_iterator, context)  # NaN/Inf: Job.report checks, once
             reply = job.report(up.worker_id, up.round, tensors.popitem()[1], stats)
         metrics.EXCHANGE_BYTES.labels("up").inc(wire_bytes(up.tensors))
         if reply is None:

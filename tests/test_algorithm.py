@@ -202,7 +202,7 @@ def test_parle_rounds_equal_naive_with_sync_mean(L: int) -> None:
         for (rep, flat), model, queue in zip(replicas, models, queues, strict=True):
             mu, _ = rep.begin_round(_grad_fn(model, flat, queue), hp, None)
             mean.add(mu)
-        xbar = mean.mean()
+        xbar, _ = mean.finish()
         for rep, _ in replicas:
             rep.finish_round(xbar, OuterHyper(lr, rho, o["momentum"], True))
         mus = [r.begin(q, gamma) for r, q in zip(naive, naive_queues, strict=True)]
@@ -261,10 +261,11 @@ def test_sync_mean_is_the_mean_and_order_free() -> None:
         forward.add(mu)
     for mu in reversed(mus):
         backward.add(mu)
-    assert torch.equal(forward.mean(), backward.mean())
-    assert torch.allclose(forward.mean(), torch.stack(mus).mean(0), atol=1e-6)
+    (mean, distance), (mean_reversed, _) = forward.finish(), backward.finish()
+    assert torch.equal(mean, mean_reversed) and mean.dtype == torch.float32
+    assert torch.allclose(mean, torch.stack(mus).mean(0), atol=1e-6)
     spread = math.sqrt(float(((torch.stack(mus).double() - torch.stack(mus).double().mean(0)) ** 2).sum(1).mean()))
-    assert forward.consensus_distance() == pytest.approx(spread, rel=1e-6)
+    assert distance == pytest.approx(spread, rel=1e-6)
 
 
 def test_schedule_scoping_caps_and_lr_drops() -> None:
