@@ -152,7 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    train = sub.add_parser("train", help="train a job on this machine (coordinator and replicas in-process)")
+    train = sub.add_parser(
+        "train", help="train a job: in this process (default), with --workers N processes, or --runtime ray"
+    )
     train.add_argument("config", nargs="?", type=Path, help="job YAML (see examples/)")
     train.add_argument(
         "--set",
@@ -200,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _configure_logging(args.verbose)
+    _configure_logging(args.verbose or args.command in ("coordinator", "worker"))  # services log what they do
     try:
         return int(args.func(args))
     except (SpecError, BadInput) as err:

@@ -90,6 +90,8 @@ class GrpcTransport:
                     self.heartbeat()
                 except CoordinatorError as err:  # the round's own RPCs report real trouble
                     log.debug("heartbeat failed: %s", err)
+                except ValueError:  # the channel was closed under us: nothing left to renew
+                    return
 
         self._heartbeats = threading.Thread(target=beat, name="heartbeat", daemon=True)
         self._heartbeats.start()
