@@ -247,3 +247,39 @@ def test_client_commands_submit_watch_download_plot_cancel(
         assert '"state": "cancelled"' in capsys.readouterr().out
         assert main(["status", "no-such-job", *flags]) == 2
         assert "NOT_FOUND" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(180)
+def test_pool_workers_serve_several_jobs_with_compressed_exchanges(tmp_path: Path, worker_env: dict[str, str]) -> None:
+    """Two jobs at once, two pool workers (no --job): each job gets the worker it needs, bf16 on the wire."""
+    import threading
+
+    from worker.loop import WorkerLoop
+    from worker.transports.grpc import GrpcTransport
+
+    raw = spec_dict(replicas=1, model={"name": "toy_models:mlp"}, runtime={"compression": "bf16", "lease_s": 5})
+    with CoordinatorServer(tmp_path / "state") as server:
+        jobs = [server.manager.job(server.manager.submit(resolve({**raw, "name": name}))) for name in ("a", "b")]
+        loops, threads = [], []
+        for i in range(2):
+            transport = GrpcTransport(server.address)
+            loop = WorkerLoop(transport, f"pool{i}", serve_forever=True)
+            loops.append((loop, transport))
+            threads.append(threading.Thread(target=loop.run, daemon=True))
+            threads[-1].start()
+        try:
+            for job in jobs:
+                assert job.wait(timeout=120).value == "succeeded", job.message
+        finally:
+            for loop, _ in loops:
+                loop.stop()
+            for thread in threads:
+                thread.join(timeout=30)
+            for _, transport in loops:
+                transport.close()
+        assert sum(loop.joins for loop, _ in loops) == 2  # one worker per job, no job joined twice
+        for job in jobs:
+            reference = load_file(str(job.directory / "reference.safetensors"))["reference"]
+            assert reference.dtype == torch.float32  # bf16 only on the wire
+            tests = [e for e in _events(job.directory, "eval") if e["split"] == "test"]
+            assert tests and tests[-1]["error"] < 0.5
