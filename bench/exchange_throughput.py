@@ -41,37 +41,21 @@ from typing import Any
 import grpc
 import torch
 
+from bench.common import STATS, tensor_job
 from bench.scale import coordinator
 from cluster.client import Endpoint, JobsClient
 from coordinator.job import Job
 from coordinator.server import CoordinatorServer
 from protos import parle_pb2 as pb
 from protos.codec import MAX_CHUNK_BYTES, decode_tensors, encode_tensors
-from protos.messages import RoundStats
 from protos.spec import JobSpec, resolve
 from worker.transports.grpc import GrpcTransport, open_channel
 
 MiB = 1 << 20
-STATS = RoundStats(train_loss=0.0, inner_steps=1, samples=1, chain_seconds=0.0)
 
 
 def job_spec(name: str, compression: str = "none") -> JobSpec:
-    """A job that never ends, evaluates or checkpoints during the benchmark (the server builds no model)."""
-    return resolve(
-        {
-            "name": name,
-            "preset": "parle",
-            "replicas": 1,
-            "epochs": 1e6,
-            "max_rounds": 10**9,
-            "model": {"name": "lenet"},
-            "data": {"name": "synthetic", "batch_size": 16, "synthetic_size": 16},
-            "optim": {"L": 1, "round_deadline_s": 3600.0},
-            "eval": {"every_epochs": 1e12},
-            "checkpoint": {"every_rounds": 10**9},
-            "runtime": {"compression": compression, "lease_s": 3600.0},
-        }
-    )
+    return resolve(tensor_job(name, 1, compression=compression))
 
 
 # ----- raw TCP baseline ------------------------------------------------------------------------

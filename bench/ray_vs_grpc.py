@@ -25,26 +25,15 @@ from typing import Any
 
 import torch
 
-from protos.messages import RoundStats
+from bench.common import STATS, tensor_job
 from protos.spec import JobSpec, resolve
 from worker.transports import WorkerTransport
 
 SIZES = {"lenet": 132_220, "mnistfc": 1_867_786}
-STATS = RoundStats(train_loss=1.0, inner_steps=1, samples=128, chain_seconds=0.0)
 
 
-def job_spec(replicas: int, rounds: int) -> JobSpec:
-    return resolve(
-        {
-            "name": "bench",
-            "replicas": replicas,
-            "max_rounds": rounds + 10,
-            "data": {"name": "synthetic", "synthetic_size": 256, "batch_size": 32},
-            "optim": {"L": 1, "round_deadline_s": 120},
-            "eval": {"every_epochs": 1e6},
-            "checkpoint": {"every_rounds": 10**9},
-        }
-    )
+def job_spec(replicas: int) -> JobSpec:
+    return resolve(tensor_job("bench", replicas))
 
 
 def time_rounds(transports: list[WorkerTransport], numel: int, rounds: int) -> list[float]:
@@ -107,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     import ray
 
     ray.init(num_cpus=4, include_dashboard=False, logging_level=logging.ERROR)
-    spec = job_spec(args.replicas, args.rounds)
+    spec = job_spec(args.replicas)
     print(f"{args.replicas} replicas, {args.rounds - 2} timed rounds, median ms per round (exchange only)")
     print(f"{'model':<9}{'params':>11}{'MB':>7}{'gRPC ms':>10}{'Ray ms':>9}{'Ray/gRPC':>10}")
     runners: dict[str, Callable[[JobSpec, int, int, Path], list[float]]] = {"grpc": grpc_rounds, "ray": ray_rounds}

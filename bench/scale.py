@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from bench.common import tensor_job
 from cluster.client import Endpoint, JobsClient
 from protos.messages import RoundStats
 from worker.transports.grpc import GrpcTransport
@@ -75,19 +76,7 @@ def coordinator(state_dir: Path, env: dict[str, str]) -> Iterator[Coordinator]:
 
 def job_yaml(workers: int) -> str:
     """A sync job that never finishes on its own (it is cancelled), evaluates and checkpoints never."""
-    spec = {
-        "name": f"scale-{workers}",
-        "preset": "parle",
-        "replicas": workers,
-        "epochs": 1e6,
-        "max_rounds": 10**9,
-        "model": {"name": "lenet"},
-        "data": {"name": "synthetic", "batch_size": 16, "synthetic_size": 16},
-        "optim": {"L": 1, "round_deadline_s": 600.0},
-        "eval": {"every_epochs": 1e12},
-        "checkpoint": {"every_rounds": 10**9},
-        "runtime": {"lease_s": 600.0, "start_timeout_s": 120.0},
-    }
+    spec = tensor_job(f"scale-{workers}", workers, lease_s=600.0, start_timeout_s=120.0)
     return yaml.safe_dump(spec)
 
 

@@ -18,25 +18,10 @@ from protos.spec import JobSpec
 log = logging.getLogger(__name__)
 
 
-def worker_command(address: str, job_id: str, index: int, device: str, threads: int) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "cluster.cli",
-        "worker",
-        "--coordinator",
-        address,
-        "--job",
-        job_id,
-        "--name",
-        f"worker-{index}",
-        "--replica",
-        str(index),
-        "--device",
-        device,
-        "--threads",
-        str(threads),
-    ]
+def worker_command(address: str, job_id: str, name: str, *options: str) -> list[str]:
+    """`parle worker` for one job, run with this interpreter; ``options`` are further worker flags."""
+    command = [sys.executable, "-m", "cluster.cli", "worker", "--coordinator", address, "--job", job_id]
+    return [*command, "--name", name, *options]
 
 
 def reap(procs: list[subprocess.Popen[bytes]], grace_s: float = 10.0) -> None:
@@ -64,7 +49,8 @@ def run_processes(spec: JobSpec, run_dir: Path, workers: int, listeners: list[Li
         job.listeners.extend(listeners)
         log.info("job %s on %s with %d worker processes", job_id, server.address, workers)
         for i in range(workers):
-            procs.append(subprocess.Popen(worker_command(server.address, job_id, i, spec.device, threads), env=env))
+            options = ("--replica", str(i), "--device", spec.device, "--threads", str(threads))
+            procs.append(subprocess.Popen(worker_command(server.address, job_id, f"worker-{i}", *options), env=env))
         while job.wait(timeout=1.0) not in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED):
             if all(p.poll() is not None for p in procs):
                 job.abort("every worker process exited before the job finished")

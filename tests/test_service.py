@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from cluster.client import Endpoint, JobsClient
 from cluster.local import run_local
-from cluster.processes import reap, run_processes
+from cluster.processes import reap, run_processes, worker_command
 from coordinator.events import read_events
 from coordinator.server import CoordinatorServer
 from protos.spec import resolve
@@ -65,23 +65,7 @@ def spec_dict(**overrides: Any) -> dict[str, Any]:
 def start_worker(
     procs: list[subprocess.Popen[bytes]], address: str, job_id: str, name: str, env: dict[str, str], *extra: str
 ) -> subprocess.Popen[bytes]:
-    cmd = [
-        sys.executable,
-        "-m",
-        "cluster.cli",
-        "worker",
-        "--coordinator",
-        address,
-        "--job",
-        job_id,
-        "--name",
-        name,
-        "--threads",
-        "1",
-        "--reconnect-s",
-        "60",
-        *extra,
-    ]
+    cmd = worker_command(address, job_id, name, "--threads", "1", "--reconnect-s", "60", *extra)
     proc = subprocess.Popen(cmd, env=env, cwd=REPO)
     procs.append(proc)
     return proc
