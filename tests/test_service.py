@@ -109,7 +109,7 @@ def _sample(name: str, labels: dict[str, str]) -> float:
 def test_killed_worker_drops_out_and_a_new_one_joins_from_the_reference(
     tmp_path: Path, worker_env: dict[str, str], procs: list[subprocess.Popen[bytes]]
 ) -> None:
-    raw = spec_dict(epochs=8, model={"name": "toy_models:slow_mlp", "options": {"delay": 0.05}})
+    raw = spec_dict(epochs=16, model={"name": "toy_models:slow_mlp", "options": {"delay": 0.05}})
     with CoordinatorServer(tmp_path / "state") as server:
         job_id = server.manager.submit(resolve(raw))
         job = server.manager.job(job_id)
@@ -130,7 +130,7 @@ def test_killed_worker_drops_out_and_a_new_one_joins_from_the_reference(
     joins = [m for m in members if m["event"] == "join"]
     assert len(joins) == 4 and joins[-1]["start"] == "reference" and joins[-1]["replica"] == 1
     rounds = _events(job_dir, "round")
-    assert [r["round"] for r in rounds] == list(range(64))
+    assert [r["round"] for r in rounds] == list(range(128))
     after_kill = rounds[killed_at : killed_at + 3]
     assert min(r["workers"] for r in after_kill) == 2  # the round closed on the live members
     assert max(r["round_seconds"] for r in after_kill) < 2 + 5  # within the lease (2 s) and the reaper's tick

@@ -219,7 +219,9 @@ class WorkerLoop:
                 if over and not self.serve_forever:
                     log.info("%s: the job is over (%s)", self.name, err)
                     return None
-                retry = err.code == "UNAVAILABLE" or over
+                # UNAVAILABLE: no coordinator or no job yet; RESOURCE_EXHAUSTED: the job is full until a dead
+                # member's lease lapses (a replacement started right after a crash).
+                retry = err.code in ("UNAVAILABLE", "RESOURCE_EXHAUSTED") or over
                 if not retry or (time.monotonic() >= give_up and not self.serve_forever):
                     raise
                 log.info("%s: cannot join yet (%s); retrying in %.1fs", self.name, err, delay)
