@@ -61,6 +61,23 @@ def write_atomic_text(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
+def pack_job_state(reference: Tensor, replicas: dict[int, dict[str, Tensor]]) -> dict[str, Tensor]:
+    """One flat name space: ``reference`` and ``replica{i}.{key}`` for each replica's saved state."""
+    tensors = {"reference": reference}
+    for replica, state in replicas.items():
+        tensors.update({f"replica{replica}.{key}": value for key, value in state.items()})
+    return tensors
+
+
+def unpack_job_state(tensors: dict[str, Tensor]) -> tuple[Tensor, dict[int, dict[str, Tensor]]]:
+    replicas: dict[int, dict[str, Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("replica"):
+            head, name = key.split(".", 1)
+            replicas.setdefault(int(head.removeprefix("replica")), {})[name] = value
+    return tensors["reference"], replicas
+
+
 class CheckpointStore:
     def __init__(self, directory: Path, keep: int = 3) -> None:
         self.directory = Path(directory)

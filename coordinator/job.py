@@ -8,20 +8,19 @@ changes) go to ``metrics.jsonl`` in the job directory and to listeners (progress
 
 from __future__ import annotations
 
-import enum
 import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from coordinator.checkpoint import Checkpoint, CheckpointStore
+from coordinator.checkpoint import Checkpoint, CheckpointStore, pack_job_state, unpack_job_state
 from coordinator.events import MetricsLog, save_tensors
+from coordinator.job_records import ClosedRound, JobState, Member, PendingCheckpoint
 from coordinator.reference import SyncMean, elastic_pull_
 from coordinator.schedules import Schedule
 from protos.messages import (
@@ -31,53 +30,11 @@ from protos.messages import (
     ExchangeReply,
     JoinGrant,
     RoundStats,
-    RoundValues,
 )
 from protos.spec import JobSpec
 
 log = logging.getLogger(__name__)
 Listener = Callable[[dict[str, Any]], None]
-
-
-class JobState(enum.StrEnum):
-    PENDING = "pending"
-    RUNNING = "running"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-
-    @property
-    def terminal(self) -> bool:
-        return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
-
-
-@dataclass
-class Member:
-    worker_id: str
-    name: str
-    replica: int
-    device: str
-    last_seen: float
-    round: int  # async: this worker's own round
-
-
-@dataclass
-class _Closed:
-    """What the waiters of a closed sync round collect."""
-
-    reference: Tensor
-    next_values: RoundValues
-    evaluator: str | None
-    checkpoint: bool
-    stop: bool
-
-
-@dataclass
-class _PendingCheckpoint:
-    round: int
-    reference: Tensor
-    expected: set[int]
-    states: dict[int, dict[str, Tensor]] = field(default_factory=dict)
 
 
 class Job:
@@ -103,8 +60,8 @@ class Job:
         self._sum = SyncMean()
         self._reported: set[str] = set()
         self._stats: list[RoundStats] = []
-        self._closed: dict[int, _Closed] = {}
-        self._checkpoint: _PendingCheckpoint | None = None
+        self._closed: dict[int, ClosedRound] = {}
+        self._checkpoint: PendingCheckpoint | None = None
         self._awaiting_eval: int | None = None
         self._evaluator: str | None = None
         self.last_train_loss: float | None = None
@@ -361,7 +318,7 @@ class Job:
         )
         return ExchangeReply(round, closed.reference, closed.next_values, directives)
 
-    def _close_round(self, evaluator_hint: str | None = None) -> _Closed:
+    def _close_round(self, evaluator_hint: str | None = None) -> ClosedRound:
         k = self.round
         workers = self._sum.count
         reference, consensus = self._sum.finish()
@@ -371,7 +328,7 @@ class Job:
             evaluator = evaluator_hint or live[0].worker_id
         checkpoint = self.schedule.checkpoint_due(k)
         stop = self.schedule.is_last(k)
-        closed = _Closed(reference, self.schedule.values(k + 1), evaluator, checkpoint, stop)
+        closed = ClosedRound(reference, self.schedule.values(k + 1), evaluator, checkpoint, stop)
         self._closed[k] = closed
         self._closed.pop(k - 2, None)
         values = self.schedule.values(k)
@@ -396,7 +353,7 @@ class Job:
         if checkpoint:
             # Async replicas never stand still together: its checkpoints hold the reference only.
             replicas = {m.replica for m in live} if self.spec.optim.mode == "sync" else set()
-            self._checkpoint = _PendingCheckpoint(k + 1, reference.clone(), replicas)
+            self._checkpoint = PendingCheckpoint(k + 1, reference.clone(), replicas)
             if not replicas:
                 self._write_checkpoint(self._checkpoint)
                 self._checkpoint = None
@@ -469,14 +426,11 @@ class Job:
                 self._checkpoint = None
             self._maybe_finish()
 
-    def _write_checkpoint(self, pending: _PendingCheckpoint) -> None:
-        tensors = {"reference": pending.reference}
-        for replica, state in pending.states.items():
-            tensors.update({f"replica{replica}.{key}": value for key, value in state.items()})
+    def _write_checkpoint(self, pending: PendingCheckpoint) -> Path:
         started = time.monotonic()
         path = self.store.save(
             pending.round,
-            tensors,
+            pack_job_state(pending.reference, pending.states),
             {
                 "job": self.job_id,
                 "elapsed": self.elapsed(),
@@ -492,6 +446,7 @@ class Job:
                 "seconds": time.monotonic() - started,
             }
         )
+        return path
 
     def checkpoint_now(self) -> Path | None:
         """A checkpoint of the reference alone, right away (e.g. on ``ray job stop``): a resume from it
@@ -499,9 +454,7 @@ class Job:
         with self._cond:
             if self.reference is None:
                 return None
-            pending = _PendingCheckpoint(self.round, self.reference.clone(), set())
-            self._write_checkpoint(pending)
-            return self.store.directory
+            return self._write_checkpoint(PendingCheckpoint(self.round, self.reference.clone(), set()))
 
     def drop_replica(self, replica: int, why: str = "lost") -> None:
         """Drop the member serving ``replica`` (its runtime saw it die)."""
@@ -518,10 +471,6 @@ class Job:
 
     def _restore(self, ckpt: Checkpoint) -> None:
         self.round = ckpt.round
-        self.reference = ckpt.tensors["reference"]
+        self.reference, self._saved_states = unpack_job_state(ckpt.tensors)
         self._elapsed_before = float(ckpt.meta.get("elapsed", 0.0))
-        for key, value in ckpt.tensors.items():
-            if key.startswith("replica"):
-                head, name = key.split(".", 1)
-                self._saved_states.setdefault(int(head.removeprefix("replica")), {})[name] = value
         log.info("job %s: resuming at round %d from %s", self.job_id, self.round, ckpt.path)

@@ -37,7 +37,7 @@ def _batches(count: int, seed: int = 1) -> list[tuple[Tensor, Tensor]]:
 
 
 def _max_diff(a: nn.Module, b: nn.Module) -> float:
-    return max(float((p - q).abs().max()) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+    return max(float((p - q).detach().abs().max()) for p, q in zip(a.parameters(), b.parameters(), strict=True))
 
 
 # ----- naive reference implementation of the worker rule ------------------------------------------
