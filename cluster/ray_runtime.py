@@ -52,7 +52,7 @@ class CoordinatorActor:
         if metrics_port:
             from prometheus_client import start_http_server
 
-            start_http_server(metrics_port)
+            start_http_server(metrics_port, addr=ray.util.get_node_ip_address())
 
     def join(self, name: str, device: str, want_replica: int | None) -> JoinGrant:
         return self.job.join(name, device, want_replica)
@@ -111,9 +111,13 @@ class CoordinatorActor:
 class WorkerActor:
     """One replica: the worker loop over ``RayTransport``; the device is what Ray assigned."""
 
-    def __init__(self, coordinator: Any, name: str, replica: int) -> None:
+    def __init__(self, coordinator: Any, name: str, replica: int, metrics_port: int) -> None:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         self.coordinator, self.name, self.replica = coordinator, name, replica
+        if metrics_port:  # one port per replica: a replacement reuses its predecessor's (that process is gone)
+            from prometheus_client import start_http_server
+
+            start_http_server(metrics_port + 1 + replica, addr=ray.util.get_node_ip_address())
 
     def run(self) -> int:
         device = "cuda" if ray.get_gpu_ids() else "cpu"
@@ -172,7 +176,7 @@ class RayDriver:
         strategy = PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=replica)
         actor = WorkerActor.options(  # type: ignore[attr-defined]
             num_cpus=r.num_cpus, num_gpus=r.num_gpus, scheduling_strategy=strategy
-        ).remote(self.coordinator, f"ray-replica-{replica}", replica)
+        ).remote(self.coordinator, f"ray-replica-{replica}", replica, r.metrics_port)
         self.workers[replica] = actor
         self.runs[actor.run.remote()] = replica
 

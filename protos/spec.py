@@ -172,7 +172,9 @@ class RaySpec(_Strict):
     num_gpus: float = Field(0.0, ge=0.0, description="GPUs per replica; fractions let replicas share a GPU")
     placement: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     schedule_timeout_s: float = Field(60.0, gt=0.0, description="fail if the replicas cannot be placed in time")
-    metrics_port: int = Field(0, ge=0, le=65535, description="coordinator actor's /metrics port (0: off)")
+    metrics_port: int = Field(
+        0, ge=0, le=65000, description="coordinator actor's /metrics port; replica r's worker: port + 1 + r (0: off)"
+    )
 
 
 class RuntimeSpec(_Strict):

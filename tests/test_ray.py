@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -136,8 +137,29 @@ def test_ray_runtime_matches_the_in_process_runtime(ray_head: dict[str, Any], tm
     assert torch.allclose(a, b, atol=1e-5, rtol=0), float((a - b).abs().max())
 
 
+def _free_ports(count: int) -> int:
+    """A port p with p .. p + count - 1 all free."""
+    while True:
+        base = _free_port()
+        try:
+            for offset in range(count):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", base + offset))
+            return base
+        except OSError:
+            continue
+
+
+def _scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        return str(response.read().decode())
+
+
 def test_killed_worker_actor_is_replaced_and_joins_from_the_reference(ray_head: dict[str, Any], tmp_path: Path) -> None:
-    spec = resolve(job_dict(epochs=4, model={"name": "toy_models:slow_mlp", "options": {"delay": 0.05}}))
+    port = _free_ports(3)
+    raw = job_dict(epochs=4, model={"name": "toy_models:slow_mlp", "options": {"delay": 0.05}})
+    raw["runtime"]["ray"]["metrics_port"] = port
+    spec = resolve(raw)
     run_dir = tmp_path / "run"
     driver = RayDriver(spec, run_dir)
     outcome: list[Any] = []
@@ -148,6 +170,10 @@ def test_killed_worker_actor_is_replaced_and_joins_from_the_reference(ray_head: 
         while len([e for e in read_events(run_dir / "metrics.jsonl") if e["kind"] == "round"]) < 4:
             assert time.monotonic() < deadline, "no progress before the kill"
             time.sleep(0.1)
+        # the Ray job exports the project's metrics: the coordinator actor's and each worker actor's
+        assert 'parle_rounds_total{job_id="run"}' in _scrape(port)
+        for replica in (0, 1):
+            assert 'parle_worker_rounds_total{job_id="run"}' in _scrape(port + 1 + replica)
         ray.kill(driver.workers[1])
         watcher.join(timeout=200)
     finally:
