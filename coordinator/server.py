@@ -38,6 +38,7 @@ from protos.wire import (
     COMPRESSION,
     JOB_STATES,
     SPLIT_NAMES,
+    SPLITS,
     directives_to_pb,
     expect_end,
     receive_tensors,
@@ -265,8 +266,9 @@ def _event_to_pb(job_id: str, event: dict[str, Any]) -> pb.JobEvent | None:
             )
         )
     elif kind == "eval":
-        split = {"train": pb.SPLIT_TRAIN, "test": pb.SPLIT_TEST}.get(event["split"], pb.SPLIT_VALIDATION)
-        result = pb.EvalResult(round=event["round"], split=split, loss=event["loss"], error=event["error"])
+        result = pb.EvalResult(
+            round=event["round"], split=SPLITS[event["split"]], loss=event["loss"], error=event["error"]
+        )
         out.eval.CopyFrom(pb.EvalEvent(result=result))
     elif kind == "state":
         out.state.CopyFrom(pb.StateEvent(state=JOB_STATES[event["state"]], message=event["message"]))

@@ -69,8 +69,9 @@ def receive_tensors(
         message = next(messages, None)
         if message is None:
             break  # finish() reports what is missing
-        if message.WhichOneof("payload") != "chunk":
-            raise_unexpected(message, context)
+        kind = message.WhichOneof("payload")
+        if kind != "chunk":
+            raise CodecError(f"{context}: expected a tensor chunk, got {kind or 'an empty message'}")
         assembler.add_chunk(message.chunk)
     return assembler.finish()
 
@@ -79,8 +80,3 @@ def expect_end(messages: Iterator[Any], context: str) -> None:
     """A client stream must end after the chunks its header announced."""
     if next(messages, None) is not None:
         raise CodecError(f"{context}: more chunks than the header announced")
-
-
-def raise_unexpected(message: object, context: str) -> None:
-    kind = getattr(message, "WhichOneof", lambda _: None)("payload")
-    raise CodecError(f"{context}: expected a tensor chunk, got {kind or 'an empty message'}")

@@ -30,7 +30,7 @@ from coordinator.job import Job, JobState
 from coordinator.server import CoordinatorServer
 from protos import parle_pb2 as pb
 from protos import parle_pb2_grpc as pb_grpc
-from protos.codec import MAX_CHUNK_BYTES, encode_tensors
+from protos.codec import MAX_CHUNK_BYTES, encode_tensors, to_torch_dtype
 from protos.messages import RoundStats
 from protos.spec import ModelSpec, resolve
 from worker.transports.grpc import GrpcTransport
@@ -463,15 +463,8 @@ def test_any_wrong_shape(env: Env, shape: tuple[int, ...], chunk_bytes: int) -> 
     exchange_rejects(env, INVALID, headers, chunks)
 
 
-KNOWN_DTYPES = {
-    pb.DTYPE_FLOAT16: torch.float16,
-    pb.DTYPE_BFLOAT16: torch.bfloat16,
-    pb.DTYPE_FLOAT64: torch.float64,
-    pb.DTYPE_INT64: torch.int64,
-    pb.DTYPE_UINT8: torch.uint8,
-    pb.DTYPE_INT32: torch.int32,
-    pb.DTYPE_BOOL: torch.bool,
-}
+# Every dtype the codec knows except the reference's float32.
+KNOWN_DTYPES = {d: to_torch_dtype(d) for d in pb.DType.values() if d not in (pb.DTYPE_UNSPECIFIED, pb.DTYPE_FLOAT32)}
 
 
 @pytest.mark.timeout(60)

@@ -69,13 +69,3 @@ class FlatParameters:
         if flat.numel() != self.numel:
             raise ValueError(f"flat tensor has {flat.numel()} elements, the model has {self.numel}")
         self.data.copy_(flat.reshape(-1))
-
-    def names(self, model: nn.Module) -> list[tuple[str, int, tuple[int, ...]]]:
-        """(name, offset, shape) of each flattened parameter, in buffer order."""
-        by_id = {id(p): name for name, p in model.named_parameters()}
-        out: list[tuple[str, int, tuple[int, ...]]] = []
-        offset = 0
-        for p in self.params:
-            out.append((by_id.get(id(p), f"param{len(out)}"), offset, tuple(p.shape)))
-            offset += p.numel()
-        return out

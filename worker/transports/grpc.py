@@ -17,7 +17,7 @@ from torch import Tensor
 
 from protos import parle_pb2 as pb
 from protos import parle_pb2_grpc as pb_grpc
-from protos.codec import encode_tensors, wire_bytes
+from protos.codec import encode_tensors
 from protos.messages import CoordinatorError, EvalReport, ExchangeReply, JoinGrant, RoundStats
 from protos.rpc import call, open_channel
 from protos.spec import resolve
@@ -43,8 +43,6 @@ class GrpcTransport:
         self.timeout_s = timeout_s
         self.worker_id = ""
         self.job_id = ""
-        self.bytes_sent = 0
-        self.bytes_received = 0
         self._compression = pb.COMPRESSION_NONE
         self._round_timeout_s = timeout_s
         self._heartbeats: threading.Thread | None = None
@@ -60,7 +58,6 @@ class GrpcTransport:
         first = call(lambda: next(stream))
         head = first.header
         tensors = call(lambda: receive_tensors(head.tensors, stream, context="join"))
-        self.bytes_received += wire_bytes(head.tensors)
         spec = resolve(json.loads(head.spec_json))
         self.worker_id, self.job_id = head.worker_id, head.job_id
         self._compression = head.upload_compression or pb.COMPRESSION_NONE
@@ -135,14 +132,11 @@ class GrpcTransport:
             responses = self.stub.Exchange(requests(), metadata=self.metadata, timeout=self._round_timeout_s)
             down = next(responses).download
             tensors = receive_tensors(down.tensors, responses, context=f"reference for round {round}")
-            self.bytes_received += wire_bytes(down.tensors)
             return ExchangeReply(
                 down.closed_round, tensors["reference"], values_from_pb(down.next), directives_from_pb(down.directives)
             )
 
-        reply = call(run)
-        self.bytes_sent += wire_bytes(encoded.headers)
-        return reply
+        return call(run)
 
     def _report(self, header: pb.ReportHeader, named: list[tuple[str, Tensor]]) -> None:
         encoded = encode_tensors(named)
@@ -154,7 +148,6 @@ class GrpcTransport:
             yield from tensor_chunks(encoded.chunks, pb.ReportChunk)
 
         call(lambda: self.stub.Report(requests(), metadata=self.metadata, timeout=self.timeout_s))
-        self.bytes_sent += wire_bytes(encoded.headers)
 
     def report_eval(self, report: EvalReport) -> None:
         evals = [
