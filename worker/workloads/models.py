@@ -1,6 +1,9 @@
 """Networks by name: the authors' Entropy-SGD / Parle models, or a user's ``package.module:callable``.
 
-Built-ins (layouts follow ucla-vision/entropy-sgd ``python/models.py``):
+Built-ins. Layouts, dropout defaults and weight-decay defaults follow the Parle authors' research code,
+pratikac/distributed-ensembles ``code/models.py`` (newest version that defines these models: the
+``parle`` branch, May 2018); mnistfc and lenet are also those of ucla-vision/entropy-sgd
+``python/models.py``. Parameter counts are trainable parameters (BN running statistics excluded).
 
 - ``mnistfc``: Dropout(0.2) on the input, then twice [Linear 1024, BN, ReLU, Dropout(0.2)], then
   Linear 10. 1,867,786 trainable parameters for 1x28x28 inputs and 10 classes.
@@ -8,9 +11,21 @@ Built-ins (layouts follow ucla-vision/entropy-sgd ``python/models.py``):
   [conv5x5 20 (bias), BN, ReLU, maxpool 3, Dropout] -> [conv5x5 50 (bias), BN, ReLU, maxpool 2,
   Dropout] -> flatten (50x2x2 = 200 for 28x28) -> Linear 500, BN, ReLU, Dropout -> Linear 10.
   520 + 40 + 25,050 + 100 + 100,500 + 1,000 + 5,010 = 132,220 parameters for 1x28x28, 10 classes.
-- ``allcnn``: All-CNN-C (Springenberg et al.) with BN after every conv, dropout 0.2 on the input and
-  0.5 after each stride-2 conv, global average pooling of a 1x1 conv with ``num_classes`` channels.
-- ``wrn``: pre-activation Wide ResNet (Zagoruyko & Komodakis), depth 6k + 4, widening factor ``width``.
+- ``allcnn``: All-CNN-BN, c1 = 96 and c2 = 192 channels. Every conv has a bias and is followed by
+  BN and ReLU:
+  [conv3x3 c1, conv3x3 c1, conv3x3/2 c1] -> Dropout(p) -> [conv3x3 c2, conv3x3 c2, conv3x3/2 c2]
+  -> Dropout(p) -> [conv3x3 c2, conv3x3 c2, conv1x1 num_classes] -> global average pool.
+  ``p`` defaults to 0.5 (``model.options: {dropout: p}``; the authors used 0 with data
+  augmentation). 1,667,166 parameters for 3x32x32 and 10 classes, 1,684,716 for 100 classes.
+- ``wrn``: pre-activation Wide ResNet WRN-``depth``-``width``: conv3x3 16, three groups of
+  n = (depth - 4) / 6 blocks with 16k, 32k, 64k channels (k = ``width``; strides 1, 2, 2), BN,
+  ReLU, global average pool, Linear. A block is BN-ReLU-conv3x3(stride)-BN-ReLU-Dropout(p)-conv3x3,
+  convs without bias, added to the block's input, or to a conv1x1(stride) projection of the raw
+  (not pre-activated) input where the channel count changes. ``p`` defaults to 0.25
+  (``model.options: {dropout: p}``). WRN-28-10: 36,479,194 parameters for 3x32x32 and 10 classes.
+
+The authors pool with AvgPool2d(8) (32x32 inputs only); here pooling is adaptive, the same for
+32x32 and usable for other sizes.
 
 Initialisation uses torch's default RNG and never seeds it: the caller seeds (seed + replica index),
 so replicas start from different, reproducible points.
@@ -31,6 +46,38 @@ from worker.workloads.errors import WorkloadError
 BUILTIN_MODELS = ("mnistfc", "lenet", "allcnn", "wrn")
 
 Shape = tuple[int, int, int]
+
+# The authors' weight decay (their ``l2``, added to the gradient as l2 * w) when none is given. Their
+# command line defaults ``--l2`` to -1 ("use the model's value": pratikac/distributed-ensembles
+# ``code/main.py``, ``add_args`` list) and each model's ``__init__`` sets the value.
+DEFAULT_WEIGHT_DECAY: dict[str, float] = {
+    # pratikac/distributed-ensembles code/models.py, mnistfc.__init__: opt['l2'] = 0
+    # (ucla-vision/entropy-sgd python/train.py and train.lua default --l2/--L2 to 0 for every model).
+    "mnistfc": 0.0,
+    # pratikac/distributed-ensembles code/models.py, lenet.__init__: opt['l2'] = 0.
+    "lenet": 0.0,
+    # pratikac/distributed-ensembles code/models.py, allcnn.__init__: opt['l2'] = 1e-3 when unset
+    # (ucla-vision/entropy-sgd README.md trains its CIFAR-10 All-CNN with --L2 1e-3 too).
+    "allcnn": 1e-3,
+    # pratikac/distributed-ensembles code/models.py, wideresnet.__init__: opt['l2'] = 5e-4 when unset.
+    "wrn": 5e-4,
+}
+
+# model.options a built-in accepts, with the builder keyword each sets. The authors' dropout rate
+# (their ``-d``) defaults per model: allcnn.__init__ 0.5, wideresnet.__init__ 0.25.
+_BUILTIN_OPTIONS: dict[str, tuple[str, ...]] = {"allcnn": ("dropout",), "wrn": ("dropout",)}
+
+
+def default_weight_decay(model_name: str) -> float:
+    """The authors' weight decay for built-in ``model_name``; 0.0 for a ``package.module:callable``.
+
+    Raises ``WorkloadError`` naming ``model.name`` for an unknown built-in."""
+    if ":" in model_name:
+        return 0.0
+    if model_name not in DEFAULT_WEIGHT_DECAY:
+        allowed = ", ".join(BUILTIN_MODELS)
+        raise WorkloadError(f"model.name: unknown model {model_name!r}; allowed: {allowed} or package.module:callable")
+    return DEFAULT_WEIGHT_DECAY[model_name]
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -86,6 +133,7 @@ def _lenet(spec: ModelSpec, input_shape: Shape, num_classes: int) -> nn.Module:
 
 
 def _conv_bn_relu(cin: int, cout: int, kernel: int, stride: int = 1, padding: int = 0) -> nn.Sequential:
+    # The conv keeps its bias although BN follows, as in the authors' allcnn.
     return nn.Sequential(
         nn.Conv2d(cin, cout, kernel, stride=stride, padding=padding),
         nn.BatchNorm2d(cout),
@@ -93,21 +141,20 @@ def _conv_bn_relu(cin: int, cout: int, kernel: int, stride: int = 1, padding: in
     )
 
 
-def _allcnn(spec: ModelSpec, input_shape: Shape, num_classes: int) -> nn.Module:
+def _allcnn(spec: ModelSpec, input_shape: Shape, num_classes: int, *, dropout: float = 0.5) -> nn.Module:
     c1, c2 = 96, 192
     return nn.Sequential(
-        nn.Dropout(0.2),
         _conv_bn_relu(input_shape[0], c1, 3, 1, 1),
         _conv_bn_relu(c1, c1, 3, 1, 1),
         # Strided convs replace max pooling: the point of "All-Convolutional".
         _conv_bn_relu(c1, c1, 3, 2, 1),
-        nn.Dropout(0.5),
+        nn.Dropout(dropout),
         _conv_bn_relu(c1, c2, 3, 1, 1),
         _conv_bn_relu(c2, c2, 3, 1, 1),
         _conv_bn_relu(c2, c2, 3, 2, 1),
-        nn.Dropout(0.5),
+        nn.Dropout(dropout),
         _conv_bn_relu(c2, c2, 3, 1, 1),
-        _conv_bn_relu(c2, c2, 1),
+        _conv_bn_relu(c2, c2, 3, 1, 1),
         _conv_bn_relu(c2, num_classes, 1),
         # Adaptive rather than AvgPool2d(8) so non-32x32 inputs work too.
         nn.AdaptiveAvgPool2d(1),
@@ -116,29 +163,34 @@ def _allcnn(spec: ModelSpec, input_shape: Shape, num_classes: int) -> nn.Module:
 
 
 class _WideBlock(nn.Module):
-    """Pre-activation basic block: BN-ReLU-conv3x3-BN-ReLU-conv3x3 plus a (projected) shortcut."""
+    """Pre-activation block: ``branch(x) + shortcut(x)``.
 
-    def __init__(self, cin: int, cout: int, stride: int) -> None:
+    ``branch`` is BN-ReLU-conv3x3(stride)-BN-ReLU-Dropout-conv3x3; ``shortcut`` is the identity, or a
+    conv1x1(stride) where the channel count changes. The projection reads the raw input ``x``, not the
+    pre-activated one (the authors add the two branches of a table on the same input)."""
+
+    def __init__(self, cin: int, cout: int, stride: int, dropout: float) -> None:
         super().__init__()
-        self.bn1 = nn.BatchNorm2d(cin)
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
-        self.relu = nn.ReLU()
-        self.shortcut: nn.Module | None = None
+        self.branch = nn.Sequential(
+            nn.BatchNorm2d(cin),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False),
+            nn.BatchNorm2d(cout),
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
+            nn.Conv2d(cout, cout, 3, padding=1, bias=False),
+        )
+        # The authors test cin == cout only; in a WRN a strided block always changes the width too.
+        self.shortcut: nn.Module = nn.Identity()
         if cin != cout or stride != 1:
             self.shortcut = nn.Conv2d(cin, cout, 1, stride=stride, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.relu(self.bn1(x))
-        # The projection sees the pre-activated input, as in the reference implementation.
-        skip = x if self.shortcut is None else self.shortcut(out)
-        out = self.conv1(out)
-        out = self.conv2(self.relu(self.bn2(out)))
-        return out + skip
+        # The in-place ReLU acts on BN's fresh output, so ``x`` is intact for the shortcut.
+        return self.branch(x) + self.shortcut(x)
 
 
-def _wrn(spec: ModelSpec, input_shape: Shape, num_classes: int) -> nn.Module:
+def _wrn(spec: ModelSpec, input_shape: Shape, num_classes: int, *, dropout: float = 0.25) -> nn.Module:
     depth, k = spec.depth, spec.width
     if depth < 10 or (depth - 4) % 6 != 0:
         raise WorkloadError(f"model.depth: wrn needs depth = 6n + 4 with n >= 1 (10, 16, 22, 28, 40, ...), got {depth}")
@@ -146,10 +198,16 @@ def _wrn(spec: ModelSpec, input_shape: Shape, num_classes: int) -> nn.Module:
     widths = [16, 16 * k, 32 * k, 64 * k]
     layers: list[nn.Module] = [nn.Conv2d(input_shape[0], widths[0], 3, padding=1, bias=False)]
     for group in range(3):
-        for i in range(n):
-            cin = widths[group] if i == 0 else widths[group + 1]
-            stride = 2 if (group > 0 and i == 0) else 1
-            layers.append(_WideBlock(cin, widths[group + 1], stride))
+        blocks = [
+            _WideBlock(
+                widths[group] if i == 0 else widths[group + 1],
+                widths[group + 1],
+                2 if (group > 0 and i == 0) else 1,
+                dropout,
+            )
+            for i in range(n)
+        ]
+        layers.append(nn.Sequential(*blocks))
     layers += [
         nn.BatchNorm2d(widths[3]),
         nn.ReLU(inplace=True),
@@ -163,7 +221,8 @@ def _wrn(spec: ModelSpec, input_shape: Shape, num_classes: int) -> nn.Module:
 
 
 def _wrn_init(model: nn.Module) -> None:
-    # He init for convs matters for deep ResNets; draws from the caller-seeded default RNG.
+    # As the authors: convs N(0, 2 / (k * k * out_channels)) (He, fan-out), BN weight 1 and bias 0
+    # (torch's default), Linear bias 0 and default weight. Draws from the caller-seeded default RNG.
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -171,7 +230,7 @@ def _wrn_init(model: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
-_BUILDERS: dict[str, Callable[[ModelSpec, Shape, int], nn.Module]] = {
+_BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "mnistfc": _mnistfc,
     "lenet": _lenet,
     "allcnn": _allcnn,
@@ -210,19 +269,34 @@ def _build_user_model(spec: ModelSpec, input_shape: Shape, num_classes: int) -> 
     return model
 
 
+def _builtin_options(spec: ModelSpec) -> dict[str, float]:
+    """``spec.options`` checked against what built-in ``spec.name`` accepts, as builder keywords."""
+    accepted = _BUILTIN_OPTIONS.get(spec.name, ())
+    unknown = sorted(set(spec.options) - set(accepted))
+    if unknown:
+        # Built-ins are fixed architectures; silently ignoring options would hide a typo.
+        keys = ", ".join(unknown)
+        takes = f"takes only {', '.join(accepted)}" if accepted else "takes no options"
+        raise WorkloadError(f"model.options: built-in model {spec.name} {takes} (got {keys})")
+    kwargs: dict[str, float] = {}
+    if "dropout" in spec.options:
+        p = spec.options["dropout"]
+        if isinstance(p, bool) or not isinstance(p, int | float) or not 0.0 <= p < 1.0:
+            raise WorkloadError(f"model.options: dropout must be a number in [0, 1), got {p!r}")
+        kwargs["dropout"] = float(p)
+    return kwargs
+
+
 def build_model(spec: ModelSpec, input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
     """The network named by ``spec.name`` for ``input_shape`` (C, H, W) images and ``num_classes``.
 
-    Raises ``WorkloadError`` naming ``model.name`` (unknown name, user callable that fails) or
-    ``model.depth`` (wrn depth not 6k + 4)."""
+    Raises ``WorkloadError`` naming ``model.name`` (unknown name, user callable that fails),
+    ``model.depth`` (wrn depth not 6k + 4) or ``model.options`` (an option the built-in does not take,
+    or a dropout outside [0, 1))."""
     if ":" in spec.name:
         return _build_user_model(spec, input_shape, num_classes)
     builder = _BUILDERS.get(spec.name)
     if builder is None:
         allowed = ", ".join(BUILTIN_MODELS)
         raise WorkloadError(f"model.name: unknown model {spec.name!r}; allowed: {allowed} or package.module:callable")
-    if spec.options:
-        # Built-ins are fixed architectures; silently ignoring options would hide a typo.
-        keys = ", ".join(sorted(spec.options))
-        raise WorkloadError(f"model.options: built-in model {spec.name} takes no options (got {keys})")
-    return builder(spec, input_shape, num_classes)
+    return builder(spec, input_shape, num_classes, **_builtin_options(spec))
