@@ -7,7 +7,7 @@ from typing import Any
 from protos.messages import RoundStats
 
 # What a simulated worker reports with each exchange (no model, no chain).
-STATS = RoundStats(train_loss=0.0, inner_steps=1, samples=1, chain_seconds=0.0)
+STATS = RoundStats(train_loss=0.0, inner_steps=1, samples=1, chain_seconds=0.0, train_size=60000)
 
 
 def tensor_job(name: str, replicas: int, **runtime: Any) -> dict[str, Any]:

@@ -46,13 +46,11 @@ def langevin_stepper(model: nn.Module, x: torch.Tensor, y: torch.Tensor, noise: 
     anchor, mu, buf = flat.data.clone(), flat.data.clone(), torch.zeros_like(flat.data)
     hp = ChainHyper(gamma=0.03, inner_lr=0.01, inner_momentum=0.9, noise=noise, beta1=0.75, weight_decay=5e-4)
     gen = torch.Generator(device=flat.data.device).manual_seed(0)
-    first = [True]
 
     def step() -> None:
         flat.zero_grad()
         F.cross_entropy(model(x), y).backward()
-        langevin_step_(flat.data, flat.grad, anchor, mu, buf, hp, first[0], gen)
-        first[0] = False
+        langevin_step_(flat.data, flat.grad, anchor, mu, buf, hp, gen)
 
     return step
 

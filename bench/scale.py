@@ -84,7 +84,7 @@ def run_workers(address: str, job_id: str, n: int, mus: list[torch.Tensor], roun
     """Run ``rounds`` rounds with ``n`` worker threads; returns when each round ended (its last reply)."""
     ends = [[0.0] * rounds for _ in range(n)]
     errors: list[BaseException] = []
-    stats = RoundStats(train_loss=0.0, inner_steps=1, samples=1, chain_seconds=chain_s)
+    stats = RoundStats(train_loss=0.0, inner_steps=1, samples=1, chain_seconds=chain_s, train_size=60000)
 
     def worker(i: int) -> None:
         try:

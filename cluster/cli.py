@@ -38,7 +38,7 @@ def _configure_logging(verbose: bool) -> None:
     )
 
 
-def _train_spec(args: argparse.Namespace) -> tuple[JobSpec, Path, bool]:
+def _train_spec(args: argparse.Namespace) -> tuple[JobSpec, Path, bool, int]:
     from cluster.local import load_run_spec, new_run_dir, preflight
     from worker.workloads import WorkloadError
 
@@ -54,10 +54,10 @@ def _train_spec(args: argparse.Namespace) -> tuple[JobSpec, Path, bool]:
         if run_dir.exists() and any(run_dir.iterdir()):
             raise BadInput(f"--run-dir: {run_dir} exists and is not empty (use --resume to continue it)")
     try:
-        preflight(spec)
+        train_size = preflight(spec)
     except WorkloadError as err:
         raise BadInput(f"config error: {err}") from None
-    return spec, run_dir, resume
+    return spec, run_dir, resume, train_size
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -67,12 +67,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     from cluster.progress import LineProgress, ProgressBar
     from coordinator.schedules import Schedule
 
-    spec, run_dir, resume = _train_spec(args)
-    schedule = Schedule(spec)
+    spec, run_dir, resume, train_size = _train_spec(args)
+    schedule = Schedule(spec, train_size)
     print(
-        f"parle: {spec.preset} {spec.model.name} on {spec.data.name}, {spec.replicas} replica(s), "
-        f"{schedule.total_rounds} rounds of {schedule.steps_per_round} mini-batches -> {run_dir}"
+        f"parle: {spec.preset} {spec.model.name} on {spec.data.name} ({train_size} training samples), "
+        f"{spec.replicas} replica(s), {schedule.total_rounds} rounds of {schedule.steps_per_round} mini-batches "
+        f"-> {run_dir}"
     )
+    for point in schedule.points_beyond_budget():
+        print(
+            f"parle: warning: {point} lies beyond the budget of {spec.epochs:g} data passes: "
+            "the preset's regime is cut short (raise epochs to reach it)",
+            file=sys.stderr,
+        )
     bar: ProgressBar | LineProgress
     if sys.stderr.isatty() or args.quiet:
         bar = ProgressBar(schedule.total_rounds, desc=spec.name, enabled=not args.quiet)
@@ -92,7 +99,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                 raise BadInput("--resume runs in-process or on Ray; drop --workers")
             state, message = run_processes(spec, run_dir, args.workers, [bar])
         else:
-            result = run_local(spec, run_dir, resume=resume, listeners=[bar])
+            result = run_local(spec, run_dir, resume=resume, listeners=[bar], train_size=train_size)
             state, message = result.state, result.message or "; ".join(result.errors)
     finally:
         bar.close()

@@ -80,11 +80,12 @@ class LocalResult:
     errors: list[str] = field(default_factory=list)
 
 
-def preflight(spec: JobSpec) -> None:
-    """Load the dataset and build the model once, so a missing directory or a model path that does not
-    import is reported before anything is written (raises WorkloadError)."""
+def preflight(spec: JobSpec) -> int:
+    """Load the dataset and build the model once, so bad data or a model path that does not import is
+    reported before anything is written (raises WorkloadError). Returns the training set's size."""
     data = load_dataset(spec.data, seed=spec.seed)
     build_model(spec.model, data.input_shape, data.num_classes)
+    return int(data.train_x.shape[0])
 
 
 def new_run_dir(spec: JobSpec, root: Path = Path("runs")) -> Path:
@@ -105,7 +106,11 @@ def load_run_spec(run_dir: Path) -> JobSpec:
 
 
 def run_local(
-    spec: JobSpec, run_dir: Path, resume: bool = False, listeners: list[Listener] | None = None
+    spec: JobSpec,
+    run_dir: Path,
+    resume: bool = False,
+    listeners: list[Listener] | None = None,
+    train_size: int | None = None,
 ) -> LocalResult:
     run_dir.mkdir(parents=True, exist_ok=True)
     checkpoint = CheckpointStore(run_dir / "checkpoints").latest() if resume else None
@@ -113,7 +118,7 @@ def run_local(
         log.warning("no good checkpoint in %s: starting from round 0", run_dir)
     if not resume:
         write_atomic_text(run_dir / CONFIG_FILE, spec.to_yaml())
-    job = Job("local", spec, run_dir, listeners=listeners, resume=checkpoint)
+    job = Job("local", spec, run_dir, listeners=listeners, resume=checkpoint, train_size=train_size)
     turns = OrderedTurns(spec.replicas)
     errors: list[str] = []
 

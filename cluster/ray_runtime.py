@@ -78,6 +78,9 @@ class CoordinatorActor:
     def report_state(self, worker_id: str, round: int, state: dict[str, Tensor]) -> None:
         self.job.report_state(worker_id, round, state)
 
+    def fetch_model(self, worker_id: str, round: int, timeout: float | None) -> Tensor:
+        return self.job.fetch_model(worker_id, round, timeout)
+
     def fail(self, worker_id: str, reason: str) -> None:
         self.job.fail(worker_id, reason)
 
@@ -100,8 +103,9 @@ class CoordinatorActor:
         return self._events[index:], self.job.state.value, self.job.message
 
     def inspect(self) -> dict[str, Any]:
-        """What tests and tools read: round, reference, live workers."""
-        return {"round": self.job.round, "reference": self.job.reference, "live_workers": self.job.live_workers}
+        """What tests and tools read: round, center, model, live workers."""
+        job = self.job
+        return {"round": job.round, "center": job.center, "model": job.model, "live_workers": job.live_workers}
 
     def cancel(self) -> None:
         self.job.cancel()

@@ -61,21 +61,23 @@ def write_atomic_text(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
-def pack_job_state(reference: Tensor, replicas: dict[int, dict[str, Tensor]]) -> dict[str, Tensor]:
-    """One flat name space: ``reference`` and ``replica{i}.{key}`` for each replica's saved state."""
-    tensors = {"reference": reference}
+def pack_job_state(model: Tensor, center: Tensor, replicas: dict[int, dict[str, Tensor]]) -> dict[str, Tensor]:
+    """One flat name space: ``reference`` (the model: what a user gets back), ``center`` (the coupling center
+    the replicas are pulled toward) and ``replica{i}.{key}`` for each replica's saved state."""
+    tensors = {"reference": model, "center": center}
     for replica, state in replicas.items():
         tensors.update({f"replica{replica}.{key}": value for key, value in state.items()})
     return tensors
 
 
-def unpack_job_state(tensors: dict[str, Tensor]) -> tuple[Tensor, dict[int, dict[str, Tensor]]]:
+def unpack_job_state(tensors: dict[str, Tensor]) -> tuple[Tensor, Tensor, dict[int, dict[str, Tensor]]]:
+    """(model, center, replica states) of a checkpoint."""
     replicas: dict[int, dict[str, Tensor]] = {}
     for key, value in tensors.items():
         if key.startswith("replica"):
-            head, name = key.split(".", 1)
+            head, _, name = key.partition(".")
             replicas.setdefault(int(head.removeprefix("replica")), {})[name] = value
-    return tensors["reference"], replicas
+    return tensors["reference"], tensors.get("center", tensors["reference"]), replicas
 
 
 class CheckpointStore:

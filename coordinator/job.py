@@ -1,9 +1,15 @@
-"""One job's coordinator side: membership, the round clock, the reference rule, duties, checkpoints.
+"""One job's coordinator side: membership, the round clock, the center and the model, duties, checkpoints.
+
+Two tensors matter (docs/algorithm.md). The *center* is what replicas are pulled toward: the mean of the
+coupled averages mu_a (sync) or the EASGD center (async). The *model* is what the job hands back (evaluated,
+exported, downloaded, checkpointed as ``reference``): the mean of the replicas' weights x_a after their
+elastic step, gathered from the workers on the rounds that need it (evaluation, checkpoint, end); async,
+the center itself.
 
 Transport-agnostic and thread-safe: the in-process transport calls it from worker threads, the gRPC
 server from its handler threads. Every request is validated before it touches state, so a rejected
-update never changes the reference (DESIGN.md section 4). Events (rounds, evals, checkpoints, state
-changes) go to ``metrics.jsonl`` in the job directory and to listeners (progress bars, metrics).
+update never changes the center or the model. Events (rounds, evals, checkpoints, state changes) go to
+``metrics.jsonl`` in the job directory and to listeners (progress bars, metrics).
 """
 
 from __future__ import annotations
@@ -20,9 +26,9 @@ from torch import Tensor
 
 from coordinator.checkpoint import Checkpoint, CheckpointStore, pack_job_state, unpack_job_state
 from coordinator.events import MetricsLog, save_tensors
-from coordinator.job_records import ClosedRound, JobState, Member, PendingCheckpoint
-from coordinator.reference import SyncMean, elastic_pull_
-from coordinator.schedules import Schedule
+from coordinator.job_records import ClosedRound, JobState, Member, PendingModel
+from coordinator.reference import SyncMean, easgd_center_step_
+from coordinator.schedules import Schedule, first_values
 from protos.messages import (
     CoordinatorError,
     Directives,
@@ -30,6 +36,7 @@ from protos.messages import (
     ExchangeReply,
     JoinGrant,
     RoundStats,
+    RoundValues,
 )
 from protos.spec import JobSpec
 
@@ -45,10 +52,14 @@ class Job:
         directory: Path,
         listeners: list[Listener] | None = None,
         resume: Checkpoint | None = None,
+        train_size: int | None = None,
     ) -> None:
         self.job_id = job_id
         self.spec = spec
-        self.schedule = Schedule(spec)
+        # The schedule's unit is the training set's size, which comes from the data: known up front when the
+        # runtime loaded it, from the checkpoint on resume, or from the first worker's report.
+        self.schedule: Schedule | None = None
+        self.train_size: int | None = None
         self.directory = Path(directory)
         self.store = CheckpointStore(self.directory / "checkpoints", keep=spec.checkpoint.keep)
         self.listeners = list(listeners or [])
@@ -61,14 +72,16 @@ class Job:
         self._reported: set[str] = set()
         self._stats: list[RoundStats] = []
         self._closed: dict[int, ClosedRound] = {}
-        self._checkpoint: PendingCheckpoint | None = None
+        self._pending: PendingModel | None = None
+        self._models: dict[int, Tensor] = {}  # closed round -> model, for evaluators still fetching
         self._awaiting_eval: int | None = None
         self._evaluator: str | None = None
         self.last_train_loss: float | None = None
         self.last_test_error: float | None = None
         self._saved_states: dict[int, dict[str, Tensor]] = {}
         self.round = 0
-        self.reference: Tensor | None = None
+        self.center: Tensor | None = None
+        self.model: Tensor | None = None
         self._elapsed_before = 0.0
         self._started = time.monotonic()
         self._round_opened = self._started
@@ -76,6 +89,8 @@ class Job:
         # the first rounds are not closed by whichever worker happened to start first.
         self._gang_ready = spec.optim.mode == "async"
         self._first_join: float | None = None
+        if train_size is not None:
+            self._learn_train_size(train_size, "the runtime")
         if resume is not None:
             self._restore(resume)
         self.log = MetricsLog(self.directory / "metrics.jsonl", keep_below_round=self.round)
@@ -109,26 +124,56 @@ class Job:
                 "FAILED_PRECONDITION", f"job {self.job_id} is {self.state.value}: {self.message}".rstrip(": ")
             )
 
-    def _check_tensor(self, mu: Tensor) -> None:
+    def _check_tensor(self, mu: Tensor, what: str = "coupled average") -> None:
         if mu.dim() != 1 or not mu.is_floating_point():
             raise CoordinatorError(
                 "INVALID_ARGUMENT",
-                f"coupled average must be a flat float tensor, got {mu.dtype} {list(mu.shape)}",
+                f"{what} must be a flat float tensor, got {mu.dtype} {list(mu.shape)}",
             )
-        if self.reference is not None and mu.numel() != self.reference.numel():
+        if self.center is not None and mu.numel() != self.center.numel():
             raise CoordinatorError(
                 "INVALID_ARGUMENT",
-                f"coupled average has {mu.numel()} elements, the reference has {self.reference.numel()}",
+                f"{what} has {mu.numel()} elements, the center has {self.center.numel()}",
             )
         if not bool(torch.isfinite(mu).all()):
-            raise CoordinatorError("INVALID_ARGUMENT", "coupled average contains NaN or Inf")
+            raise CoordinatorError("INVALID_ARGUMENT", f"{what} contains NaN or Inf")
+
+    def _values(self, k: int) -> RoundValues:
+        if self.schedule is None:
+            return first_values(self.spec.optim)  # round 0: nothing depends on the data set's size yet
+        return self.schedule.values(k)
+
+    def _learn_train_size(self, size: int, source: str) -> None:
+        """Build the schedule from the first training-set size reported; a different size later fails the job
+        (replicas must train on the same data set)."""
+        if self.train_size is None:
+            self.train_size = size
+            self.schedule = Schedule(self.spec, size)
+            log.info(
+                "job %s: %d training samples (from %s): %d rounds",
+                self.job_id,
+                size,
+                source,
+                self.schedule.total_rounds,
+            )
+        elif size != self.train_size:
+            self.abort(
+                f"{source} has {size} training samples, the job's data set has {self.train_size}: "
+                "every replica must load the same data set"
+            )
+            self._require_running()
+
+    def _require_schedule(self) -> Schedule:
+        if self.schedule is None:
+            raise RuntimeError(f"job {self.job_id}: a round closed before any worker said how large its data set is")
+        return self.schedule
 
     # ----- membership ----------------------------------------------------------------------------
 
     @property
     def rounds_done(self) -> bool:
         """Every round has closed (final duties such as the last eval may still be running)."""
-        return self.round >= self.schedule.total_rounds
+        return self.schedule is not None and self.round >= self.schedule.total_rounds
 
     def join(self, name: str, device: str, want_replica: int | None = None) -> JoinGrant:
         with self._cond:
@@ -146,7 +191,11 @@ class Job:
             self._next_worker += 1
             self._members[worker_id] = Member(worker_id, name, replica, device, time.monotonic(), self.round)
             saved = self._saved_states.pop(replica, None)
-            start = None if self.reference is None or saved is not None else self.reference.clone()
+            # A newcomer starts from the model (async: the center, which is the model); before the first model
+            # exists, from the center.
+            latest = self.model if self.model is not None else self.center
+            start = None if latest is None or saved is not None else latest.clone()
+            seed_center = self.spec.optim.mode == "async" and self.center is None
             if self.state is JobState.PENDING:
                 self._set_state(JobState.RUNNING)
             if self._first_join is None:
@@ -163,9 +212,10 @@ class Job:
                 job_id=self.job_id,
                 replica=replica,
                 spec=self.spec,
-                values=self.schedule.values(self.round),
+                values=self._values(self.round),
                 start=start,
                 replica_state=saved,
+                seed_center=seed_center,
             )
 
     def _open_gang(self) -> None:
@@ -209,12 +259,11 @@ class Job:
         if self.state.terminal:
             return
         # Duties the member can no longer do must not hold the job up.
-        pending = self._checkpoint
-        if pending is not None and member.replica not in pending.states:
+        pending = self._pending
+        if pending is not None and member.replica not in pending.reported:
             pending.expected.discard(member.replica)
-            if set(pending.states) >= pending.expected:
-                self._write_checkpoint(pending)
-                self._checkpoint = None
+            if pending.complete:
+                self._finish_model(pending)
         if self._evaluator == worker_id:
             self._awaiting_eval, self._evaluator = None, None
         self._reported.discard(worker_id)
@@ -261,17 +310,20 @@ class Job:
     def exchange(
         self, worker_id: str, round: int, mu: Tensor, stats: RoundStats, timeout: float | None = None
     ) -> ExchangeReply:
-        """Report a coupled average and wait for the round's reference (sync) or get it at once (async)."""
+        """Report a coupled average and wait for the round's center (sync) or get it at once (async)."""
         early = self.report(worker_id, round, mu, stats)
         return early if early is not None else self.await_round(worker_id, round, timeout)
 
     def report(self, worker_id: str, round: int, mu: Tensor, stats: RoundStats) -> ExchangeReply | None:
-        """Validate and add a coupled average; the caller may drop ``mu`` afterwards (the sum keeps no
-        reference to it), so waiting workers hold no model-sized memory. Async rounds reply at once."""
+        """Validate and add a coupled average (async: the replica's x after its local step); the caller may
+        drop ``mu`` afterwards (the sum keeps no reference to it), so waiting workers hold no model-sized
+        memory. Async rounds reply at once."""
         with self._cond:
             self._require_running()
             member = self._member(worker_id)
             self._check_tensor(mu)
+            if stats.train_size > 0:
+                self._learn_train_size(stats.train_size, f"replica {member.replica}")
             if self.spec.optim.mode == "async":
                 return self._exchange_async(member, round, mu, stats)
             if round != self.round or worker_id in self._reported:
@@ -310,35 +362,42 @@ class Job:
                 raise CoordinatorError("DEADLINE_EXCEEDED", f"round {round} did not close in {timeout}s")
             self._cond.wait(min(deadline, give_up or deadline) - now)
         closed = self._closed[round]
+        evaluate = closed.evaluator == worker_id
         directives = Directives(
-            evaluate=closed.evaluator == worker_id,
-            export=closed.evaluator == worker_id and closed.stop,
+            evaluate=evaluate,
+            export=evaluate and closed.stop,
             checkpoint=closed.checkpoint,
             stop=closed.stop,
+            model=closed.model,
         )
         return ExchangeReply(round, closed.reference, closed.next_values, directives)
 
     def _close_round(self, evaluator_hint: str | None = None) -> ClosedRound:
+        schedule = self._require_schedule()
         k = self.round
         workers = self._sum.count
-        reference, consensus = self._sum.finish()
+        center, consensus = self._sum.finish()
         live = sorted(self._members.values(), key=lambda m: m.replica)
         evaluator = None
-        if live and self.schedule.eval_due(k):
+        if live and schedule.eval_due(k):
             evaluator = evaluator_hint or live[0].worker_id
-        checkpoint = self.schedule.checkpoint_due(k)
-        stop = self.schedule.is_last(k)
-        closed = ClosedRound(reference, self.schedule.values(k + 1), evaluator, checkpoint, stop)
+        checkpoint = schedule.checkpoint_due(k)
+        stop = schedule.is_last(k)
+        sync = self.spec.optim.mode == "sync"
+        # Sync: the model is the mean of the replicas' x after this round's elastic step, which only the
+        # workers hold: they upload it when it is needed. Async: the center is the model.
+        gather = sync and schedule.model_due(k)
+        closed = ClosedRound(center, schedule.values(k + 1), evaluator, checkpoint, stop, gather)
         self._closed[k] = closed
         self._closed.pop(k - 2, None)
-        values = self.schedule.values(k)
+        values = schedule.values(k)
         losses = [s.train_loss for s in self._stats]
         now = time.monotonic()
         self._emit(
             {
                 "kind": "round",
                 "round": k,
-                "epoch": self.schedule.epoch(k + 1),
+                "epoch": schedule.epoch(k + 1),
                 "gamma": values.gamma,
                 "rho": values.rho,
                 "lr": values.lr,
@@ -349,14 +408,16 @@ class Job:
                 "chain_seconds": max(s.chain_seconds for s in self._stats),
             }
         )
-        self.reference = reference
-        if checkpoint:
-            # Async replicas never stand still together: its checkpoints hold the reference only.
-            replicas = {m.replica for m in live} if self.spec.optim.mode == "sync" else set()
-            self._checkpoint = PendingCheckpoint(k + 1, reference.clone(), replicas)
-            if not replicas:
-                self._write_checkpoint(self._checkpoint)
-                self._checkpoint = None
+        self.center = center
+        if not sync:
+            self.model = center
+            self._models = {k: center}
+        if gather:
+            self._pending = PendingModel(k, center, {m.replica for m in live}, checkpoint)
+            if self._pending.complete:  # nobody left to upload
+                self._finish_model(self._pending)
+        elif checkpoint:  # async replicas never stand still together: the checkpoint holds the center
+            self._write_checkpoint(k + 1, {})
         if evaluator is not None:
             self._awaiting_eval, self._evaluator = k, evaluator
         self.last_train_loss = sum(losses) / len(losses)
@@ -369,26 +430,26 @@ class Job:
         self._maybe_finish()
         return closed
 
-    def _exchange_async(self, member: Member, round: int, mu: Tensor, stats: RoundStats) -> ExchangeReply:
+    def _exchange_async(self, member: Member, round: int, x: Tensor, stats: RoundStats) -> ExchangeReply:
+        schedule = self._require_schedule()
         if round != member.round:
             raise CoordinatorError("FAILED_PRECONDITION", f"worker {member.worker_id} is in round {member.round}")
-        if self.reference is None:
-            self.reference = mu.detach().reshape(-1).clone()
-        else:
-            elastic_pull_(self.reference, mu, self.spec.optim.async_beta)
+        if self.center is None:
+            raise CoordinatorError("FAILED_PRECONDITION", f"job {self.job_id} has no center yet: report the start")
+        center_before = easgd_center_step_(self.center, x, self.spec.optim.alpha)
         member.round += 1
         self._stats.append(stats)
         evaluate = False
         # One job round = as many reports as live replicas: the clock for evals and checkpoints.
-        if len(self._stats) >= len(self._members) and self.round < self.schedule.total_rounds:
-            self._sum.add(self.reference)
+        if len(self._stats) >= len(self._members) and self.round < schedule.total_rounds:
+            self._sum.add(self.center)
             closed = self._close_round(evaluator_hint=member.worker_id)
             evaluate = closed.evaluator == member.worker_id
-        stop = self.schedule.is_last(round) or self.state.terminal
+        stop = schedule.is_last(round) or self.state.terminal
         directives = Directives(evaluate=evaluate, export=evaluate and stop, stop=stop)
         # An eval duty names the job round it evaluates, which is what report_eval will quote back.
         closed_round = self.round - 1 if evaluate else round
-        return ExchangeReply(closed_round, self.reference.clone(), self.schedule.values(round + 1), directives)
+        return ExchangeReply(closed_round, center_before, schedule.values(round + 1), directives)
 
     # ----- duties --------------------------------------------------------------------------------
 
@@ -415,46 +476,94 @@ class Job:
             self._maybe_finish()
 
     def report_state(self, worker_id: str, round: int, state: dict[str, Tensor]) -> None:
+        """A replica's weights x after the elastic step of closed round ``round`` (its whole state on checkpoint
+        rounds); async, before round 0, the shared start that becomes the center."""
         with self._cond:
             member = self._member(worker_id)
-            pending = self._checkpoint
-            if pending is None or pending.round != round:
-                raise CoordinatorError("FAILED_PRECONDITION", f"no checkpoint is being taken at round {round}")
-            pending.states[member.replica] = state
-            if set(pending.states) >= pending.expected:
-                self._write_checkpoint(pending)
-                self._checkpoint = None
+            x = state.get("x")
+            if x is None:
+                raise CoordinatorError("INVALID_ARGUMENT", f"replica state from {worker_id} has no 'x'")
+            self._check_tensor(x, f"replica {member.replica}'s weights x")
+            if self.spec.optim.mode == "async" and self.center is None:
+                self.center = x.detach().reshape(-1).clone()
+                self.model = self.center
+                return
+            pending = self._pending
+            if pending is None or pending.round != round or member.replica in pending.reported:
+                raise CoordinatorError(
+                    "FAILED_PRECONDITION", f"no model is being gathered from {worker_id} at round {round}"
+                )
+            if pending.checkpoint:
+                missing = sorted({"outer_buf", "outer_steps", "sampler"} - state.keys())
+                if missing:
+                    raise CoordinatorError(
+                        "INVALID_ARGUMENT", f"replica state from {worker_id} lacks {', '.join(missing)} at a checkpoint"
+                    )
+                pending.states[member.replica] = state
+            pending.total.add(x)
+            pending.reported.add(member.replica)
+            if pending.complete:
+                self._finish_model(pending)
             self._maybe_finish()
 
-    def _write_checkpoint(self, pending: PendingCheckpoint) -> Path:
+    def _finish_model(self, pending: PendingModel) -> None:
+        """The model of ``pending.round`` is complete: keep it for evaluators, checkpoint if due."""
+        if pending.total.count:
+            model, _ = pending.total.finish()
+        else:  # every replica left before uploading: the last model we had, or the center
+            model = self.model if self.model is not None else pending.center
+        self.model = model
+        self._models[pending.round] = model
+        self._models.pop(pending.round - 2, None)
+        self._pending = None
+        if pending.checkpoint:
+            self._write_checkpoint(pending.round + 1, pending.states, pending.center)
+        self._cond.notify_all()
+
+    def fetch_model(self, worker_id: str, round: int, timeout: float | None = None) -> Tensor:
+        """The model of closed round ``round`` once every replica has uploaded its x (the evaluator's input)."""
+        with self._cond:
+            self._member(worker_id)
+            give_up = None if timeout is None else time.monotonic() + timeout
+            while round not in self._models:
+                self._require_running()
+                if round < self.round and (self._pending is None or self._pending.round != round):
+                    raise CoordinatorError("FAILED_PRECONDITION", f"the model of round {round} is not kept")
+                remaining = None if give_up is None else give_up - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise CoordinatorError(
+                        "DEADLINE_EXCEEDED", f"the model of round {round} was not complete in {timeout}s"
+                    )
+                self._cond.wait(remaining)
+            return self._models[round]
+
+    def _write_checkpoint(self, round: int, states: dict[int, dict[str, Tensor]], center: Tensor | None = None) -> Path:
+        """Checkpoint at ``round`` (the next round to run): the model, the center, the replicas' states."""
+        center = self.center if center is None else center
+        model = self.model if self.model is not None else center
+        assert center is not None and model is not None
         started = time.monotonic()
         path = self.store.save(
-            pending.round,
-            pack_job_state(pending.reference, pending.states),
+            round,
+            pack_job_state(model, center, states),
             {
                 "job": self.job_id,
                 "elapsed": self.elapsed(),
                 "spec": self.spec.to_dict(),
-                "values": self.schedule.values(pending.round).__dict__,
+                "train_size": self.train_size,
+                "values": self._values(round).__dict__,
             },
         )
-        self._emit(
-            {
-                "kind": "checkpoint",
-                "round": pending.round,
-                "path": str(path),
-                "seconds": time.monotonic() - started,
-            }
-        )
+        self._emit({"kind": "checkpoint", "round": round, "path": str(path), "seconds": time.monotonic() - started})
         return path
 
     def checkpoint_now(self) -> Path | None:
-        """A checkpoint of the reference alone, right away (e.g. on ``ray job stop``): a resume from it
-        restarts the replicas from the reference."""
+        """A checkpoint of the model and center alone, right away (e.g. on ``ray job stop``): a resume from
+        it restarts the replicas from the model."""
         with self._cond:
-            if self.reference is None:
+            if self.center is None:
                 return None
-            return self._write_checkpoint(PendingCheckpoint(self.round, self.reference.clone(), set()))
+            return self._write_checkpoint(self.round, {})
 
     def drop_replica(self, replica: int, why: str = "lost") -> None:
         """Drop the member serving ``replica`` (its runtime saw it die)."""
@@ -464,13 +573,17 @@ class Job:
                     self._drop(worker_id, why)
 
     def _maybe_finish(self) -> None:
-        if self.rounds_done and not self.state.terminal and self._awaiting_eval is None and self._checkpoint is None:
-            if self.reference is not None:
-                save_tensors(self.directory / "reference.safetensors", {"reference": self.reference})
+        if self.rounds_done and not self.state.terminal and self._awaiting_eval is None and self._pending is None:
+            if self.center is not None:
+                model = self.model if self.model is not None else self.center
+                save_tensors(self.directory / "reference.safetensors", {"reference": model, "center": self.center})
             self._set_state(JobState.SUCCEEDED)
 
     def _restore(self, ckpt: Checkpoint) -> None:
         self.round = ckpt.round
-        self.reference, self._saved_states = unpack_job_state(ckpt.tensors)
+        self.model, self.center, self._saved_states = unpack_job_state(ckpt.tensors)
+        size = ckpt.meta.get("train_size")
+        if isinstance(size, int):
+            self._learn_train_size(size, "the checkpoint")
         self._elapsed_before = float(ckpt.meta.get("elapsed", 0.0))
         log.info("job %s: resuming at round %d from %s", self.job_id, self.round, ckpt.path)

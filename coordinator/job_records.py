@@ -1,4 +1,4 @@
-"""The small records a job keeps: its state, its members, a closed round, a checkpoint being gathered."""
+"""The small records a job keeps: its state, its members, a closed round, a model being gathered."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from torch import Tensor
 
+from coordinator.reference import SyncMean
 from protos.messages import RoundValues
 
 
@@ -41,11 +42,22 @@ class ClosedRound:
     evaluator: str | None
     checkpoint: bool
     stop: bool
+    model: bool  # every replica uploads its x: the model of this round is needed
 
 
 @dataclass
-class PendingCheckpoint:
+class PendingModel:
+    """The model of closed round ``round`` being gathered: the mean of the replicas' x after their elastic
+    step, and (on checkpoint rounds) their whole states. Only the running sum is kept otherwise."""
+
     round: int
-    reference: Tensor
+    center: Tensor
     expected: set[int]
+    checkpoint: bool
+    total: SyncMean = field(default_factory=SyncMean)
+    reported: set[int] = field(default_factory=set)
     states: dict[int, dict[str, Tensor]] = field(default_factory=dict)
+
+    @property
+    def complete(self) -> bool:
+        return self.reported >= self.expected

@@ -1,4 +1,4 @@
-"""The reference update rules (DESIGN.md section 3), streaming: memory grows with the model, not
+"""The center's update rules (docs/algorithm.md), streaming: memory grows with the model, not
 with the number of workers.
 
 ``SyncMean`` keeps a float64 running sum as reports arrive, so the mean does not depend on the order
@@ -41,9 +41,9 @@ class SyncMean:
         return mean64.to(self._dtype), max(spread, 0.0) ** 0.5
 
 
-def elastic_pull_(reference: Tensor, mu: Tensor, beta: float) -> float:
-    """Async (EASGD-style): ``xbar += beta (mu - xbar)``; returns ||mu - xbar|| before the pull."""
-    diff = mu.reshape(-1).to(reference.dtype) - reference
-    distance = float(diff.norm())
-    reference.add_(diff, alpha=beta)
-    return distance
+def easgd_center_step_(center: Tensor, x: Tensor, alpha: float) -> Tensor:
+    """Async (EASGD): ``diff = alpha (x - center); center += diff``. Returns the center as it was before, which
+    the worker needs to apply the same force to itself (``x -= diff``)."""
+    before = center.clone()
+    center.lerp_(x.reshape(-1).to(center.dtype), alpha)
+    return before

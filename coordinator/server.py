@@ -131,6 +131,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             start=start,
             tensors=encoded.headers,
             upload_compression=COMPRESSION[grant.spec.runtime.compression],
+            seed_center=grant.seed_center,
         )
         yield pb.JoinChunk(header=header)
         yield from tensor_chunks(encoded.chunks, pb.JoinChunk)
@@ -147,9 +148,9 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         up = first.upload
         job = self._member_job(up.job_id, up.worker_id)
         _require(len(up.tensors) == 1, f"expected one tensor (the coupled average), got {len(up.tensors)}")
-        expected = None if job.reference is None else {up.tensors[0].name: TensorSpec.of(job.reference)}
+        expected = None if job.center is None else {up.tensors[0].name: TensorSpec.of(job.center)}
         context = f"coupled average from {up.worker_id}, round {up.round}"
-        stats = RoundStats(up.train_loss, up.inner_steps, up.samples, up.chain_seconds)
+        stats = RoundStats(up.train_loss, up.inner_steps, up.samples, up.chain_seconds, up.train_size)
         # At most a few uploads are decoded at once and each is freed once added to the running sum:
         # coordinator memory grows with the model, not with workers x model.
         with self.upload_slots:
@@ -217,6 +218,16 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             job.report_eval(head.worker_id, EvalReport(head.round, head.stats.epoch, results, model))
         return pb.ReportReply(stored=True)
 
+    @guarded
+    def FetchModel(self, request: pb.FetchModelRequest, context: grpc.ServicerContext) -> Iterator[pb.DownloadChunk]:
+        job = self._member_job(request.job_id, request.worker_id)
+        model = job.fetch_model(request.worker_id, request.round, job.spec.optim.round_deadline_s)
+        encoded = encode_tensors([("model", model)])
+        metrics.EXCHANGE_BYTES.labels("down").inc(wire_bytes(encoded.headers))
+        header = pb.DownloadHeader(job_id=request.job_id, round=request.round, tensors=encoded.headers)
+        yield pb.DownloadChunk(header=header)
+        yield from tensor_chunks(encoded.chunks, pb.DownloadChunk)
+
 
 def job_info(manager: JobManager, record: JobRecord) -> pb.JobInfo:
     spec = json.loads(record.spec_json)
@@ -235,8 +246,9 @@ def job_info(manager: JobManager, record: JobRecord) -> pb.JobInfo:
         job = manager.job(record.id)
         info.state = JOB_STATES[job.state.value]
         info.round = job.round
-        info.total_rounds = job.schedule.total_rounds
-        info.epoch = job.schedule.epoch(job.round)
+        if job.schedule is not None:  # known once the first worker said how large its data set is
+            info.total_rounds = job.schedule.total_rounds
+            info.epoch = job.schedule.epoch(job.round)
         info.live_workers = job.live_workers
         if job.last_train_loss is not None:
             info.last_train_loss = job.last_train_loss

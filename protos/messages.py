@@ -17,7 +17,7 @@ if TYPE_CHECKING:  # torch is heavy to import; the client commands use these typ
 
 @dataclass(frozen=True)
 class RoundValues:
-    """What the coordinator computes for round ``round`` (DESIGN.md section 3, schedules)."""
+    """What the coordinator computes for round ``round`` (the schedules of docs/algorithm.md)."""
 
     round: int
     gamma: float
@@ -30,10 +30,11 @@ class RoundValues:
 class Directives:
     """Duties the coordinator hands out with a round's result."""
 
-    evaluate: bool = False  # evaluate the new reference and report_eval it
-    checkpoint: bool = False  # report_state this replica after the elastic step
+    evaluate: bool = False  # fetch_model this round's model, evaluate it and report_eval it
+    checkpoint: bool = False  # report_state this replica's whole state after the elastic step
     stop: bool = False  # the job is over (finished, cancelled or failed): leave
-    export: bool = False  # with evaluate: also send the reference model's state dict
+    export: bool = False  # with evaluate: also send the model's state dict
+    model: bool = False  # report_state this replica's weights x after the elastic step (the model is their mean)
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,7 @@ class JoinGrant:
     start: Tensor | None  # the reference to start from; None: initialise from seed + replica
     replica_state: dict[str, Tensor] | None = None  # exact state saved in a checkpoint (resume)
     lease_s: float = 30.0
+    seed_center: bool = False  # async job without a center yet: report_state(0, {"x": start}) before round 0
 
 
 @dataclass(frozen=True)
@@ -56,26 +58,27 @@ class RoundStats:
     inner_steps: int
     samples: int
     chain_seconds: float
+    train_size: int = 0  # samples in the worker's training set (the schedule's unit); 0: not said
 
 
 @dataclass(frozen=True)
 class ExchangeReply:
     closed_round: int  # the round this reference closes
-    reference: Tensor  # xbar_next
+    reference: Tensor  # sync: the new center xbar_next; async: the center before this worker's elastic force
     next_values: RoundValues
     directives: Directives = field(default_factory=Directives)
 
 
 @dataclass(frozen=True)
 class EvalReport:
-    round: int  # the reference evaluated is the one that closed this round
+    round: int  # the model evaluated is the one of this closed round
     epoch: float
     results: dict[str, tuple[float, float]]  # split -> (loss, error fraction)
-    model_state: dict[str, Tensor] | None = None  # reference model state dict when exported
+    model_state: dict[str, Tensor] | None = None  # the model's state dict when exported
 
 
 class CoordinatorError(RuntimeError):
-    """A request the coordinator refused; ``code`` mirrors the gRPC status (see DESIGN.md section 4)."""
+    """A request the coordinator refused; ``code`` mirrors the gRPC status (as in parle.proto)."""
 
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
@@ -100,6 +103,8 @@ class JobEndpoint(Protocol):
     def report_eval(self, worker_id: str, report: EvalReport) -> None: ...
 
     def report_state(self, worker_id: str, round: int, state: dict[str, Tensor]) -> None: ...
+
+    def fetch_model(self, worker_id: str, round: int, timeout: float | None = None) -> Tensor: ...
 
     def fail(self, worker_id: str, reason: str) -> None: ...
 

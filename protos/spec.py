@@ -21,25 +21,31 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+# Each preset is its authors' regime in our units (budgets and schedule points in data passes per replica;
+# growth per round). docs/algorithm.md cites the file and function each value comes from.
 PRESETS: dict[str, dict[str, Any]] = {
     # Plain SGD with Nesterov momentum: L = 0 is the gradient path, rho = 0 removes the coupling.
     "sgd": {
         "replicas": 1,
         "optim": {"L": 0, "lr": 0.1, "momentum": 0.9, "rho0": 0.0, "rho_max": 0.0},
     },
-    # Entropy-SGD, Algorithm 1 with scoping; the MNIST regime of the authors' code.
+    # Entropy-SGD as entropyoptim.lua + train.lua (mnistfc regime): momentum on the raw gradient, reset every
+    # outer step; lr 1 for 2 of the authors' epochs, then 0.1. Their epoch is one pass of *outer* steps, i.e.
+    # L data passes: the drop is at 2 * 20 = 40 data passes, and their 5-epoch budget is 100 data passes.
     "entropy-sgd": {
         "replicas": 1,
         "optim": {
             "L": 20,
             "lr": 1.0,
-            "lr_drop_epochs": [2],
+            "lr_drop_epochs": [40],
             "lr_drop_factor": 0.1,
             "momentum": 0.0,
             "inner_lr": 0.1,
             "inner_momentum": 0.9,
+            "inner_momentum_scope": "gradient",
+            "inner_momentum_reset": True,
             "noise": 1e-4,
             "beta1": 0.75,
             "gamma0": 1e-4,
@@ -53,6 +59,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "replicas": 3,
         "optim": {"L": 0, "lr": 0.1, "momentum": 0.9, "rho0": 1.0, "rho_max": 10.0},
     },
+    # Parle as the research code's DistributedESGD: momentum on gradient + couplings, one inner buffer per
+    # replica that persists across rounds.
     "parle": {
         "replicas": 3,
         "optim": {
@@ -61,6 +69,8 @@ PRESETS: dict[str, dict[str, Any]] = {
             "momentum": 0.9,
             "inner_lr": 0.1,
             "inner_momentum": 0.9,
+            "inner_momentum_scope": "all",
+            "inner_momentum_reset": False,
             "noise": 0.0,
             "beta1": 0.0,
             "gamma0": 0.01,
@@ -69,7 +79,9 @@ PRESETS: dict[str, dict[str, Any]] = {
             "rho_max": 10.0,
         },
     },
-    # EASGD-style local SGD: tau plain SGD steps, then x_a = mu_a - rho (x_a - xbar), async reference.
+    # Asynchronous EASGD (Zhang, Choromanska & LeCun 2015): from one shared start, tau = L plain SGD steps
+    # (the chain with gamma 0, beta1 0; lr 1 makes x_a the chain's end), then the elastic exchange
+    # diff = alpha (x_a - center), applied to both sides. alpha = beta / p with the paper's beta 0.9, p = 3.
     "easgd": {
         "replicas": 3,
         "optim": {
@@ -79,17 +91,22 @@ PRESETS: dict[str, dict[str, Any]] = {
             "momentum": 0.0,
             "inner_lr": 0.1,
             "inner_momentum": 0.0,
+            "inner_momentum_scope": "all",
+            "inner_momentum_reset": False,
             "noise": 0.0,
             "beta1": 0.0,
             "gamma0": 0.0,
             "gamma_max": 0.0,
-            "rho0": 0.1,
-            "rho_growth": 0.0,
-            "rho_max": 0.1,
-            "async_beta": 0.1,
+            "rho0": 0.0,
+            "rho_max": 0.0,
+            "alpha": 0.3,
         },
     },
 }
+
+# Weight decay when the job does not set optim.weight_decay, per built-in model, as the authors train them
+# (docs/algorithm.md); user models and the MNIST networks default to none.
+MODEL_WEIGHT_DECAY: dict[str, float] = {"allcnn": 1e-3, "wrn": 5e-4}
 
 
 class SpecError(ValueError):
@@ -110,40 +127,93 @@ class ModelSpec(_Strict):
     options: dict[str, Any] = Field(default_factory=dict)
 
 
+# Built-in data sets (anything else is ``package.module:callable``), and those read from ``data.root``.
+DATASETS = ("fashion-mnist", "mnist", "idx", "cifar10", "cifar100", "npz", "synthetic")
+DATASETS_WITH_ROOT = ("mnist", "idx", "cifar10", "cifar100", "npz")
+
+
 class DataSpec(_Strict):
-    name: Literal["fashion-mnist", "mnist", "cifar10", "synthetic"] = "fashion-mnist"
-    root: Path | None = Field(None, description="dataset directory (mnist and cifar10 need one)")
+    """The data. ``name`` is a built-in: fashion-mnist (the Debian package's directory unless ``root``),
+    mnist or idx (an IDX directory), cifar10 or cifar100 (python batches), npz (train.npz and test.npz
+    with arrays x and y), synthetic; or ``package.module:callable``, called with ``options`` as keyword
+    arguments, returning (train_x, train_y, test_x, test_y) or (train_dataset, test_dataset)."""
+
+    name: str = Field("fashion-mnist", description="a built-in data set or package.module:callable")
+    root: Path | None = Field(None, description="dataset directory (mnist, idx, cifar10, cifar100, npz need one)")
+    options: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of a callable data set")
+    train_limit: int | None = Field(None, ge=1, description="keep only the first N training samples (null: all)")
+    num_classes: int | None = Field(
+        None, ge=1, description="null: 10 (cifar100: 100; idx, npz and callables: largest label + 1)"
+    )
     batch_size: int = Field(128, ge=1)
     frac: float = Field(1.0, gt=0.0, le=1.0, description="fraction of the training set per replica")
-    augment: bool = Field(False, description="random crops and flips (cifar10)")
+    augment: bool = Field(False, description="random crops and flips")
     synthetic_size: int = Field(2048, ge=16, description="training samples of the synthetic set")
     test_batch_size: int = Field(1000, ge=1)
     bn_batches: int = Field(50, ge=1, description="training batches used to re-estimate BatchNorm")
 
+    @field_validator("name")
+    @classmethod
+    def _known_name(cls, name: str) -> str:
+        module, sep, attr = name.partition(":")
+        if name in DATASETS or (sep and all(part.isidentifier() for part in [*module.split("."), *attr.split(".")])):
+            return name
+        raise ValueError(f"must be one of {', '.join(DATASETS)} or package.module:callable")
+
+    @field_validator("options")
+    @classmethod
+    def _options_for_callables(cls, options: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        name = info.data.get("name")
+        if options and name in DATASETS:
+            raise ValueError(
+                f"dataset {name} takes no options (got {', '.join(map(str, options))}); "
+                "options are keyword arguments of a package.module:callable data set"
+            )
+        return options
+
 
 class OptimSpec(_Strict):
-    """DESIGN.md section 3. gamma and rho are coupling strengths: scoping increases them."""
+    """The optimizer (docs/algorithm.md). gamma and rho are coupling strengths: scoping increases them.
 
-    mode: Literal["sync", "async"] = "sync"
-    lr: float = Field(0.1, gt=0.0)
-    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    Units: one round is max(L, 1) mini-batches per replica; ``lr_drop_epochs`` are in data passes per
+    replica; ``*_growth`` is per round; learning rates are per mini-batch step."""
+
+    mode: Literal["sync", "async"] = Field("sync", description="sync: mean of the coupled averages; async: EASGD")
+    lr: float = Field(0.1, gt=0.0, le=1e3, description="outer learning rate (the replica's step)")
+    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="outer momentum; its buffer persists across rounds")
     nesterov: bool = True
-    weight_decay: float = Field(0.0, ge=0.0)
-    lr_drop_epochs: list[float] = Field(default_factory=list)
-    lr_drop_factor: float = Field(0.1, gt=0.0)
-    L: int = Field(25, ge=0, description="Langevin steps per round; 0 is the gradient path")
-    inner_lr: float = Field(0.1, gt=0.0)
+    weight_decay: float | None = Field(
+        None, ge=0.0, le=1.0, description="null: the model's default (allcnn 1e-3, wrn 5e-4, others 0)"
+    )
+    lr_drop_epochs: list[float] = Field(
+        default_factory=list, description="data passes per replica at which lr is multiplied by lr_drop_factor"
+    )
+    lr_drop_factor: float = Field(0.1, gt=0.0, le=1.0)
+    L: int = Field(25, ge=0, le=100_000, description="Langevin steps (mini-batches) per round; 0: gradient path")
+    inner_lr: float = Field(0.1, gt=0.0, le=1e3, description="step size of the Langevin chain")
     inner_momentum: float = Field(0.9, ge=0.0, lt=1.0)
-    noise: float = Field(0.0, ge=0.0)
-    beta1: float = Field(0.0, ge=0.0, lt=1.0)
-    gamma0: float = Field(0.01, ge=0.0)
-    gamma_growth: float | None = Field(None, ge=0.0, description="per round; null: 0.5 / batches_per_epoch")
-    gamma_max: float = Field(1.0, ge=0.0)
-    rho0: float = Field(1.0, ge=0.0)
-    rho_growth: float | None = Field(None, ge=0.0, description="per round; null: 0.5 / batches_per_epoch")
-    rho_max: float = Field(10.0, ge=0.0)
-    async_beta: float = Field(0.1, gt=0.0, le=1.0, description="async: xbar += beta (mu - xbar)")
-    round_deadline_s: float = Field(600.0, gt=0.0, description="sync: close the round on who reported")
+    inner_momentum_scope: Literal["all", "gradient"] = Field(
+        "all", description="all: momentum on gradient + couplings (Parle); gradient: on the raw gradient (Lua)"
+    )
+    inner_momentum_reset: bool = Field(
+        False, description="zero the inner momentum buffer at every round (Entropy-SGD) or keep it (Parle)"
+    )
+    noise: float = Field(0.0, ge=0.0, le=1.0, description="Langevin noise: y += noise sqrt(2 inner_lr) N(0, I)")
+    beta1: float = Field(0.0, ge=0.0, lt=1.0, description="mu = beta1 mu + (1 - beta1) y along the chain")
+    gamma0: float = Field(0.01, ge=0.0, le=1e6)
+    gamma_growth: float | None = Field(
+        None, ge=0.0, le=1.0, description="per round; null: 0.5 / mini-batches in one pass over the training set"
+    )
+    gamma_max: float = Field(1.0, ge=0.0, le=1e6)
+    rho0: float = Field(1.0, ge=0.0, le=1e6)
+    rho_growth: float | None = Field(
+        None, ge=0.0, le=1.0, description="per round; null: 0.5 / mini-batches in one pass over the training set"
+    )
+    rho_max: float = Field(10.0, ge=0.0, le=1e6)
+    alpha: float = Field(0.3, gt=0.0, lt=1.0, description="async: diff = alpha (x_a - center) moves both sides")
+    round_deadline_s: float = Field(
+        600.0, gt=0.0, le=86_400.0, description="sync: close the round on who reported after this many seconds"
+    )
 
     @model_validator(mode="after")
     def _caps_not_below_start(self) -> OptimSpec:
@@ -151,7 +221,14 @@ class OptimSpec(_Strict):
             raise ValueError(f"gamma_max ({self.gamma_max}) must be >= gamma0 ({self.gamma0})")
         if self.rho_max < self.rho0:
             raise ValueError(f"rho_max ({self.rho_max}) must be >= rho0 ({self.rho0})")
+        if self.mode == "async" and self.L == 0:
+            raise ValueError("L: async (EASGD) needs L >= 1 local steps between exchanges")
         return self
+
+    @property
+    def decay(self) -> float:
+        """The weight decay in force (the resolved spec always sets it; 0 when it does not)."""
+        return self.weight_decay or 0.0
 
 
 class EvalSpec(_Strict):
@@ -265,13 +342,26 @@ def resolve(raw: dict[str, Any]) -> JobSpec:
     if not isinstance(preset, str) or preset not in PRESETS:
         raise SpecError(f"config error: preset: must be one of {', '.join(PRESETS)} (got {preset!r})")
     merged = _deep_merge(PRESETS[preset], raw)
+    _default_weight_decay(merged)
     try:
         spec = JobSpec.model_validate(merged)
     except ValidationError as err:
         raise SpecError(_format_error(err)) from None
-    if spec.data.name in ("mnist", "cifar10") and spec.data.root is None:
+    if spec.data.name in DATASETS_WITH_ROOT and spec.data.root is None:
         raise SpecError(f"config error: data.root: dataset {spec.data.name} needs a directory")
     return spec
+
+
+def _default_weight_decay(merged: dict[str, Any]) -> None:
+    """Fill ``optim.weight_decay`` from the model when the job leaves it unset (malformed sections are left
+    for validation to name)."""
+    optim, model = merged.get("optim"), merged.get("model")
+    if optim is None:
+        optim = merged["optim"] = {}
+    if not isinstance(optim, dict) or optim.get("weight_decay") is not None:
+        return
+    name = model.get("name", "lenet") if isinstance(model, dict) else "lenet"
+    optim["weight_decay"] = MODEL_WEIGHT_DECAY.get(name, 0.0) if isinstance(name, str) else 0.0
 
 
 def load_spec(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
@@ -287,9 +377,9 @@ def load_spec(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
     return resolve(apply_overrides(raw, overrides or []))
 
 
-def default_growth(batches_per_epoch: float) -> float:
-    """The authors' scoping rate: 0.5 / batches_per_epoch per round."""
-    return 0.5 / max(batches_per_epoch, 1.0)
+def default_growth(batches_per_full_pass: float) -> float:
+    """The authors' scoping rate: 0.5 / (mini-batches in one pass over the whole training set) per round."""
+    return 0.5 / max(batches_per_full_pass, 1.0)
 
 
 def growth_to_reach(start: float, cap: float, rounds: int) -> float:
@@ -299,21 +389,16 @@ def growth_to_reach(start: float, cap: float, rounds: int) -> float:
     return math.exp(math.log(cap / start) / rounds) - 1.0
 
 
-# Training-set sizes of the standard formats, so the coordinator can run the schedule without ever
-# loading data; workers check what they load against these.
-STANDARD_TRAIN_SIZES = {"fashion-mnist": 60000, "mnist": 60000, "cifar10": 50000}
+def shard_size(data: DataSpec, train_size: int) -> int:
+    """Samples one replica sees per data pass: ``frac`` of the ``train_size`` samples the data set has."""
+    return max(1, round(data.frac * train_size))
 
 
-def train_size(data: DataSpec) -> int:
-    if data.name == "synthetic":
-        return data.synthetic_size
-    return STANDARD_TRAIN_SIZES[data.name]
-
-
-def shard_size(data: DataSpec) -> int:
-    return max(1, round(data.frac * train_size(data)))
-
-
-def batches_per_epoch(data: DataSpec) -> int:
+def batches_per_epoch(data: DataSpec, train_size: int) -> int:
     """Mini-batches in one data pass of one replica's shard (a trailing partial batch is dropped)."""
-    return max(1, shard_size(data) // data.batch_size)
+    return max(1, shard_size(data, train_size) // data.batch_size)
+
+
+def batches_per_full_pass(data: DataSpec, train_size: int) -> int:
+    """Mini-batches in one pass over the whole training set: the unit of the authors' default scoping."""
+    return max(1, train_size // data.batch_size)

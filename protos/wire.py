@@ -33,11 +33,11 @@ def values_from_pb(v: pb.RoundValues) -> RoundValues:
 
 
 def directives_to_pb(d: Directives) -> pb.Directives:
-    return pb.Directives(evaluate=d.evaluate, checkpoint=d.checkpoint, stop=d.stop, export=d.export)
+    return pb.Directives(evaluate=d.evaluate, checkpoint=d.checkpoint, stop=d.stop, export=d.export, model=d.model)
 
 
 def directives_from_pb(d: pb.Directives) -> Directives:
-    return Directives(evaluate=d.evaluate, checkpoint=d.checkpoint, stop=d.stop, export=d.export)
+    return Directives(evaluate=d.evaluate, checkpoint=d.checkpoint, stop=d.stop, export=d.export, model=d.model)
 
 
 def tensor_chunks(chunks: Iterable[pb.TensorChunk], wrap: type) -> Iterator[Any]:

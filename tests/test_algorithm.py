@@ -1,4 +1,4 @@
-"""The algorithm against closed forms and a straightforward re-implementation of DESIGN.md section 3.
+"""The algorithm against closed forms and a straightforward re-implementation of docs/algorithm.md.
 
 The naive implementation below works per parameter tensor with plain Python, shares no code with
 the project's kernels, and is what the fused flat-buffer code must reproduce.
@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from coordinator.reference import SyncMean, elastic_pull_
+from coordinator.reference import SyncMean, easgd_center_step_
 from coordinator.schedules import Schedule
 from protos.spec import resolve
 from worker.kernels import ChainHyper, OuterHyper
@@ -60,7 +60,7 @@ def _grads(model: nn.Module, batch: tuple[Tensor, Tensor]) -> list[Tensor]:
 
 
 class NaiveReplica:
-    """DESIGN.md's worker pseudo-code, literally, one tensor at a time."""
+    """The worker pseudo-code of docs/algorithm.md (scope "all", buffer reset), literally, one tensor at a time."""
 
     def __init__(self, model: nn.Module, o: dict[str, float]) -> None:
         self.model, self.o = model, o
@@ -142,6 +142,7 @@ def test_entropysgd_noise0_equals_naive_worker_rule() -> None:
         inner_momentum=0.9,
         noise=0.0,
         beta1=0.75,
+        inner_momentum_scope="all",
     )
     naive = NaiveReplica(naive_model, o)
     batches = _batches(5 * 6)
@@ -229,28 +230,30 @@ def test_elastic_sgd_step_closed_form() -> None:
     assert torch.allclose(rep.x, expected, atol=1e-6)
 
 
-def test_easgd_reduces_to_elastic_averaging() -> None:
-    """lr 1, beta1 0, gamma 0, no momentum: x_a = mu_a - rho (x_a - xbar), mu_a = tau SGD steps."""
-    tau, eta, rho = 3, 0.05, 0.3
+def test_easgd_exchange_is_one_elastic_force_on_both_sides() -> None:
+    """lr 1, beta1 0, gamma 0, no momentum: the local step makes x the end of tau SGD steps; the exchange
+    moves the center by diff = alpha (x - center) and x by -diff, with the center from before."""
+    tau, eta, alpha = 3, 0.05, 0.3
     model, sgd_model = _model(), _model()
     rep, flat = _replica(model, tau)
-    x0 = rep.x.clone()
     batches = _batches(tau)
-    mu, _ = rep.begin_round(_grad_fn(model, flat, list(batches)), ChainHyper(0.0, eta, 0.0, 0.0, 0.0, 0.0), None)
+    rep.begin_round(_grad_fn(model, flat, list(batches)), ChainHyper(0.0, eta, 0.0, 0.0, 0.0, 0.0), None)
+    x = rep.local_step(OuterHyper(lr=1.0, rho=0.0, momentum=0.0, nesterov=False)).clone()
     sgd = torch.optim.SGD(sgd_model.parameters(), lr=eta)
     for xb, yb in batches:
         sgd.zero_grad()
         F.cross_entropy(sgd_model(xb), yb).backward()
         sgd.step()
     sgd_flat = torch.cat([p.detach().reshape(-1) for p in sgd_model.parameters()])
-    assert torch.allclose(mu, sgd_flat, atol=1e-6)
-    xbar = torch.randn_like(x0)
-    mu_copy = mu.clone()
-    rep.finish_round(xbar, OuterHyper(lr=1.0, rho=rho, momentum=0.0, nesterov=False))
-    assert torch.allclose(rep.x, mu_copy - rho * (x0 - xbar), atol=1e-6)
-    center = xbar.clone()
-    elastic_pull_(center, mu_copy, 0.25)
-    assert torch.allclose(center, xbar + 0.25 * (mu_copy - xbar), atol=1e-6)
+    assert torch.allclose(x, sgd_flat, atol=1e-6)
+    center = torch.randn_like(x)
+    before = center.clone()
+    returned = easgd_center_step_(center, x, alpha)
+    assert torch.equal(returned, before)
+    diff = alpha * (x - before)
+    assert torch.allclose(center, before + diff, atol=1e-6)
+    rep.easgd_exchange(returned, alpha)
+    assert torch.allclose(rep.x, x - diff, atol=1e-6)
 
 
 def test_sync_mean_is_the_mean_and_order_free() -> None:
@@ -277,17 +280,17 @@ def test_schedule_scoping_caps_and_lr_drops() -> None:
             "epochs": 3,
         }
     )
-    s = Schedule(spec)
+    s = Schedule(spec, 1280)
     assert s.batches_per_epoch == 20 and s.steps_per_round == 5 and s.total_rounds == 12
     for k in range(12):
         assert s.gamma(k) == min(0.01 * 1.5**k, 1.0)
         assert s.rho(k) == min(1.0 * 1.1**k, 10.0)
     assert s.gamma(12) == 1.0 and s.rho(30) == 10.0  # capped
     assert [s.lr(k) for k in (0, 3, 4, 7, 8)] == pytest.approx([0.1, 0.1, 0.01, 0.01, 0.001])
-    default = Schedule(
-        resolve({"preset": "parle", "data": {"name": "synthetic", "synthetic_size": 1280, "batch_size": 64}})
-    )
-    assert default.gamma_growth == pytest.approx(0.5 / 20)
+    halves = resolve({"preset": "parle", "data": {"name": "synthetic", "batch_size": 64, "frac": 0.5}})
+    default = Schedule(halves, 1280)
+    # A data pass is over the replica's half; the authors' growth counts batches of the whole set.
+    assert default.batches_per_epoch == 10 and default.gamma_growth == pytest.approx(0.5 / 20)
 
 
 def test_presets_match_the_design_table() -> None:

@@ -65,7 +65,7 @@ def rejected(reason: str) -> float:
     return value or 0.0
 
 
-STATS = RoundStats(train_loss=1.0, inner_steps=2, samples=64, chain_seconds=0.01)
+STATS = RoundStats(train_loss=1.0, inner_steps=2, samples=64, chain_seconds=0.01, train_size=256)
 
 
 @dataclass
@@ -146,7 +146,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         thread.join(timeout=30)
         assert "reply" in result
         job = server.manager.job(job_id)
-        assert job.round == 1 and job.reference is not None and job.reference.shape == (N_PARAMS,)
+        assert job.round == 1 and job.center is not None and job.center.shape == (N_PARAMS,)
         yield Env(server, channel, coord, jobs, transport, job_id, worker_id)
     finally:
         transport.close()
@@ -167,7 +167,7 @@ def fresh_job(env: Env, name: str) -> Fresh:
     worker_id = join_raw(env.coord, job_id)
     valid_exchange(env.coord, job_id, worker_id, 0, torch.full((N_PARAMS,), 0.5))
     job = env.server.manager.job(job_id)
-    assert job.round == 1 and job.reference is not None
+    assert job.round == 1 and job.center is not None
     return Fresh(job_id, worker_id, job)
 
 
@@ -193,14 +193,14 @@ def expect_code(send: Callable[[], object], code: grpc.StatusCode) -> grpc.RpcEr
 def rejects(env: Env, code: grpc.StatusCode, send: Callable[[], object], *, counted: bool = True) -> grpc.RpcError:
     """``send`` fails with ``code``; the shared job's reference and round are untouched; the server is up."""
     job = env.job
-    assert job.reference is not None
-    reference, round = job.reference.clone(), job.round
+    assert job.center is not None
+    reference, round = job.center.clone(), job.round
     before = rejected(code.name.lower())
     err = expect_code(send, code)
     if counted:
         assert rejected(code.name.lower()) >= before + 1, f"parle_rejected_updates_total{{reason={code.name.lower()}}}"
     assert job.round == round, f"a rejected request moved the round from {round} to {job.round}"
-    assert job.reference is not None and torch.equal(job.reference, reference), "a rejected request changed xbar"
+    assert job.center is not None and torch.equal(job.center, reference), "a rejected request changed xbar"
     assert_alive(env, round)
     return err
 
@@ -639,8 +639,8 @@ def test_trailing_data_after_complete_tensor(env: Env, trailer: str) -> None:
     """A stream with more messages than its header announces is malformed even if the announced part is
     complete: the server must answer INVALID_ARGUMENT and must not use the upload."""
     fresh = fresh_job(env, f"trail-{trailer.replace('_', '-')}")
-    assert fresh.job.reference is not None
-    reference, round = fresh.job.reference.clone(), fresh.job.round
+    assert fresh.job.center is not None
+    reference, round = fresh.job.center.clone(), fresh.job.round
     headers, chunks = encode(torch.randn(N_PARAMS))
     extra = {
         "next_chunk": pb.ExchangeChunk(chunk=pb.TensorChunk(tensor_index=0, chunk_index=len(chunks), data=b"\0" * 4)),
@@ -654,9 +654,9 @@ def test_trailing_data_after_complete_tensor(env: Env, trailer: str) -> None:
         raw_exchange(env.coord, messages)
     except grpc.RpcError as err:
         outcome = err.code().name  # type: ignore[attr-defined]
-    assert outcome == "INVALID_ARGUMENT" and fresh.job.round == round and torch.equal(fresh.job.reference, reference), (
+    assert outcome == "INVALID_ARGUMENT" and fresh.job.round == round and torch.equal(fresh.job.center, reference), (
         f"Exchange with a trailing {trailer} after the announced chunks: got {outcome}, round {round} -> "
-        f"{fresh.job.round}, reference changed: {not torch.equal(fresh.job.reference, reference)}"
+        f"{fresh.job.round}, reference changed: {not torch.equal(fresh.job.center, reference)}"
     )
     assert rejected("invalid_argument") >= before + 1
 
@@ -976,6 +976,6 @@ def test_valid_round_after_rejections(env: Env) -> None:
     assert down.closed_round == k and result["reply"].closed_round == k
     assert job.round == k + 1
     expected = ((a.double() + b.double()) / 2).float()
-    assert job.reference is not None and torch.equal(job.reference, expected), "rejected uploads leaked into xbar"
+    assert job.center is not None and torch.equal(job.center, expected), "rejected uploads leaked into xbar"
     assert torch.equal(result["reply"].reference, expected)
     assert_alive(env, k + 1)

@@ -20,7 +20,7 @@ from protos.messages import CoordinatorError, ExchangeReply, RoundStats
 from protos.spec import JobSpec, resolve
 from worker.transports import WorkerTransport
 
-STATS = RoundStats(train_loss=1.0, inner_steps=2, samples=64, chain_seconds=0.01)
+STATS = RoundStats(train_loss=1.0, inner_steps=2, samples=64, chain_seconds=0.01, train_size=256)
 SIZE = 1000
 
 
@@ -92,21 +92,41 @@ def check_sync_round_returns_the_mean(h: Harness) -> None:
     assert ra.directives.checkpoint  # every_rounds: 1
 
 
+def _state(value: float) -> dict[str, Tensor]:
+    return {
+        "x": torch.full((SIZE,), value),
+        "outer_buf": torch.zeros(SIZE),
+        "outer_steps": torch.tensor([1]),
+        "sampler": torch.tensor([0, 3]),
+    }
+
+
 def check_checkpoint_collects_replica_states(h: Harness) -> None:
+    """The model is the mean of the replicas' x after their step, not the center (the mean of mu)."""
     job, a, b = _two_members(h)
-    _round(a, b, 0, torch.zeros(SIZE), torch.ones(SIZE))
+    replies = _round(a, b, 0, torch.zeros(SIZE), torch.ones(SIZE))
+    assert all(r.directives.checkpoint and r.directives.model for r in replies)
+    fetched: list[Tensor] = []
+    waiter = threading.Thread(target=lambda: fetched.append(a.fetch_model(0)))
+    waiter.start()  # the evaluator waits until every replica has uploaded its x
     for t, value in ((a, 1.0), (b, 2.0)):
-        t.report_state(1, {"x": torch.full((SIZE,), value), "sampler": torch.tensor([0, 3])})
+        t.report_state(0, _state(value))
+    waiter.join(timeout=30)
+    assert fetched and torch.equal(fetched[0], torch.full((SIZE,), 1.5))
     ckpt = job.store.latest()
     assert ckpt is not None and ckpt.round == 1
-    assert torch.equal(ckpt.tensors["reference"], torch.full((SIZE,), 0.5))
+    assert torch.equal(ckpt.tensors["reference"], torch.full((SIZE,), 1.5))  # the model
+    assert torch.equal(ckpt.tensors["center"], torch.full((SIZE,), 0.5))
     assert {k for k in ckpt.tensors if k.startswith("replica")} >= {"replica0.x", "replica1.x"}
+    with pytest.raises(CoordinatorError) as info:  # a second upload for the same round
+        a.report_state(0, _state(1.0))
+    assert info.value.code == "FAILED_PRECONDITION"
 
 
 def check_rejects_bad_updates_without_touching_the_reference(h: Harness) -> None:
     job, a, b = _two_members(h)
     _round(a, b, 0, torch.zeros(SIZE), torch.ones(SIZE))
-    before, round_before = job.reference.clone(), job.round  # type: ignore[union-attr]
+    before, round_before = job.center.clone(), job.round  # type: ignore[union-attr]
     cases = [
         (lambda: a.exchange(0, torch.zeros(SIZE), STATS), "FAILED_PRECONDITION"),  # stale round
         (lambda: a.exchange(7, torch.zeros(SIZE), STATS), "FAILED_PRECONDITION"),  # future round
@@ -118,7 +138,7 @@ def check_rejects_bad_updates_without_touching_the_reference(h: Harness) -> None
         with pytest.raises(CoordinatorError) as info:
             call()
         assert info.value.code == code, str(info.value)
-    assert torch.equal(job.reference, before) and job.round == round_before  # type: ignore[arg-type]
+    assert torch.equal(job.center, before) and job.round == round_before  # type: ignore[arg-type]
 
 
 def check_leaving_member_does_not_block_the_round(h: Harness) -> None:
@@ -132,7 +152,7 @@ def check_leaving_member_does_not_block_the_round(h: Harness) -> None:
     assert job.live_workers == 1
 
 
-def check_late_joiner_starts_from_the_reference(h: Harness) -> None:
+def check_late_joiner_starts_from_the_center_before_any_model(h: Harness) -> None:
     job, a, b = _two_members(h)
     _round(a, b, 0, torch.zeros(SIZE), torch.full((SIZE,), 4.0))
     b.leave()
@@ -159,6 +179,6 @@ CHECKS = [
     check_checkpoint_collects_replica_states,
     check_rejects_bad_updates_without_touching_the_reference,
     check_leaving_member_does_not_block_the_round,
-    check_late_joiner_starts_from_the_reference,
+    check_late_joiner_starts_from_the_center_before_any_model,
     check_full_job_and_stopped_job,
 ]

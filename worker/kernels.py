@@ -1,4 +1,4 @@
-"""The worker's half of DESIGN.md section 3 as pure, in-place functions over flat tensors.
+"""The worker's half of the algorithm (docs/algorithm.md) as pure, in-place functions over flat tensors.
 
 Every state (replica x, live weights y, coupled average mu, momentum buffers, gradient) is one flat
 contiguous tensor, so each rule below is a handful of fused ops regardless of how many parameter
@@ -24,6 +24,7 @@ class ChainHyper:
     noise: float
     beta1: float
     weight_decay: float
+    momentum_on_gradient_only: bool = False  # scope "gradient" (entropyoptim.lua); else "all" (Parle)
 
 
 @dataclass(frozen=True)
@@ -36,18 +37,15 @@ class OuterHyper:
     nesterov: bool
 
 
-def momentum_(direction: Tensor, buf: Tensor, momentum: float, nesterov: bool, first: bool) -> Tensor:
+def momentum_(direction: Tensor, buf: Tensor, momentum: float, nesterov: bool) -> Tensor:
     """torch.optim.SGD's momentum with dampening 0, in place on ``direction``.
 
-    ``buf = m * buf + d`` (``buf = d`` on the first step); Nesterov returns ``d + m * buf``,
-    heavy ball returns ``buf``.
+    ``buf = m * buf + d``; Nesterov returns ``d + m * buf``, heavy ball returns ``buf``. A buffer starts
+    at zero, which makes the first step ``buf = d`` exactly, as torch's does.
     """
     if momentum == 0.0:
         return direction
-    if first:
-        buf.copy_(direction)
-    else:
-        torch.add(direction, buf, alpha=momentum, out=buf)  # one pass over memory instead of two
+    torch.add(direction, buf, alpha=momentum, out=buf)  # one pass over memory instead of two
     if nesterov:
         return direction.add_(buf, alpha=momentum)
     return direction.copy_(buf)
@@ -66,23 +64,25 @@ def langevin_step_(
     mu: Tensor,
     inner_buf: Tensor,
     hp: ChainHyper,
-    first: bool,
     generator: torch.Generator | None = None,
 ) -> None:
     """One inner step. ``grad`` holds grad f_B(y) on entry and is used as scratch.
 
-    g  = grad + wd * y + gamma * (y - x)
-    g  = nesterov(g, inner_momentum)
+    scope "all" (Parle):           g = nesterov(grad + wd * y + gamma * (y - x))
+    scope "gradient" (Lua):        g = nesterov(grad) + wd * y + gamma * (y - x)
     y -= inner_lr * g - noise * sqrt(2 inner_lr) * N(0, I)
     mu = beta1 * mu + (1 - beta1) * y
     """
     g = grad
+    if hp.momentum_on_gradient_only:
+        g = momentum_(g, inner_buf, hp.inner_momentum, nesterov=True)
     coupling = hp.weight_decay + hp.gamma
     if coupling != 0.0:
         g.add_(y, alpha=coupling)
     if hp.gamma != 0.0:
         g.sub_(x, alpha=hp.gamma)
-    g = momentum_(g, inner_buf, hp.inner_momentum, nesterov=True, first=first)
+    if not hp.momentum_on_gradient_only:
+        g = momentum_(g, inner_buf, hp.inner_momentum, nesterov=True)
     y.sub_(g, alpha=hp.inner_lr)
     if hp.noise > 0.0:
         eps = torch.randn(y.shape, dtype=y.dtype, device=y.device, generator=generator)
@@ -102,10 +102,17 @@ def gradient_direction_(grad: Tensor, x: Tensor, weight_decay: float) -> Tensor:
     return grad
 
 
-def elastic_step_(x: Tensor, local: Tensor, xbar: Tensor, outer_buf: Tensor, hp: OuterHyper, first: bool) -> None:
-    """``d = local + rho (x - xbar); d = momentum(d); x -= lr d``. ``local`` is overwritten."""
+def elastic_step_(x: Tensor, local: Tensor, xbar: Tensor | None, outer_buf: Tensor, hp: OuterHyper) -> None:
+    """``d = local + rho (x - xbar); d = momentum(d); x -= lr d``. ``local`` is overwritten.
+    ``xbar`` None: the local step alone (async, before the exchange)."""
     d = local
-    if hp.rho != 0.0:
+    if hp.rho != 0.0 and xbar is not None:
         d.add_(x, alpha=hp.rho).sub_(xbar, alpha=hp.rho)
-    d = momentum_(d, outer_buf, hp.momentum, hp.nesterov, first)
+    d = momentum_(d, outer_buf, hp.momentum, hp.nesterov)
     x.sub_(d, alpha=hp.lr)
+
+
+def easgd_exchange_(x: Tensor, center_before: Tensor, alpha: float) -> None:
+    """The worker's half of the EASGD exchange: ``x -= alpha (x - center)``, with the center as it was before
+    the coordinator applied the same force to it."""
+    x.lerp_(center_before, alpha)

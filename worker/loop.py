@@ -1,6 +1,6 @@
-"""The worker loop: one replica, any transport (DESIGN.md section 3, worker side).
+"""The worker loop: one replica, any transport (docs/algorithm.md, worker side).
 
-    join -> [chain -> exchange -> elastic step -> duties (checkpoint, evaluate)] * rounds -> leave
+    join -> [chain -> exchange -> elastic step -> duties (upload x or state, evaluate the model)] * rounds -> leave
 
 The same loop runs in the local runtime's threads, in ``parle worker`` processes and in Ray actors.
 """
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from protos.messages import CoordinatorError, EvalReport, ExchangeReply, JoinGrant, RoundStats, RoundValues
-from protos.spec import JobSpec, train_size
+from protos.spec import JobSpec
 from worker import metrics
 from worker.flat import FlatParameters
 from worker.kernels import ChainHyper, OuterHyper
@@ -29,7 +29,6 @@ from worker.replica import ReplicaState
 from worker.transports import WorkerTransport
 from worker.workloads import (
     BatchSampler,
-    WorkloadError,
     build_model,
     evaluate,
     load_dataset,
@@ -76,17 +75,13 @@ class Workload:
 
     @classmethod
     def build(cls, spec: JobSpec, replica: int, device: torch.device) -> Workload:
-        data = load_dataset(spec.data, seed=spec.seed)
-        expected = train_size(spec.data)
-        if data.train_x.shape[0] != expected:
-            raise WorkloadError(
-                f"data.root: {spec.data.name} has {data.train_x.shape[0]} training samples, expected {expected}"
-            )
-        data = data.to(device)
+        data = load_dataset(spec.data, seed=spec.seed).to(device)
+        # Sync replicas start from different initialisations; EASGD's start from one shared point.
+        init = 0 if spec.optim.mode == "async" else replica
         with GLOBAL_RNG_LOCK, torch.random.fork_rng(devices=[]):
-            torch.manual_seed(replica_seed(spec.seed, replica, 0))  # different initialisation per replica
+            torch.manual_seed(replica_seed(spec.seed, init, 0))
             model = build_model(spec.model, data.input_shape, data.num_classes).to(device)
-        shard = shard_indices(expected, replica, spec.replicas, spec.data.frac, spec.seed)
+        shard = shard_indices(data.train_x.shape[0], replica, spec.replicas, spec.data.frac, spec.seed)
         sampler = BatchSampler(
             shard, data.train_x, data.train_y, spec.data.batch_size, spec.seed, replica, spec.data.augment
         )
@@ -233,22 +228,29 @@ class WorkerLoop:
         spec = grant.spec
         self.spec, self.replica_index = spec, grant.replica
         self.work = Workload.build(spec, grant.replica, self.device)
-        self.replica = ReplicaState(self.work.flat.data, self.work.flat.grad, spec.optim.L)
+        self.replica = ReplicaState(
+            self.work.flat.data, self.work.flat.grad, spec.optim.L, spec.optim.inner_momentum_reset
+        )
         self.rng = ReplicaRng(spec.seed, grant.replica, self.device)
         if grant.replica_state is not None:
             self.load_state(grant.replica_state)
         elif grant.start is not None:
             self.replica.load_weights(grant.start.to(self.device))
         self.prefix = f"[job {grant.job_id} replica {grant.replica} {grant.worker_id}]"
+        if grant.seed_center:  # async: the shared start becomes the center
+            self.transport.report_state(0, {"x": self.replica.x.cpu()})
 
     def _train(self, grant: JoinGrant) -> None:
         self._setup(grant)
         values = grant.values
         while True:
             with self.turns(self.replica_index), self.rng.scope():
-                mu, stats = self._chain(values)
+                upload, stats = self._chain(values)
+                if self.spec.optim.mode == "async":  # x takes its local step; the exchange sends x
+                    with torch.no_grad():
+                        upload = self.replica.local_step(self._outer(values))
             started = time.perf_counter()
-            reply = self.transport.exchange(values.round, mu, stats)
+            reply = self.transport.exchange(values.round, upload, stats)
             self._record(grant.job_id, stats, time.perf_counter() - started)
             self._finish(values, reply)
             self.rounds_done += 1
@@ -270,7 +272,13 @@ class WorkerLoop:
     def _chain(self, values: RoundValues) -> tuple[Tensor, RoundStats]:
         optim = self.spec.optim
         hp = ChainHyper(
-            values.gamma, optim.inner_lr, optim.inner_momentum, optim.noise, optim.beta1, optim.weight_decay
+            values.gamma,
+            optim.inner_lr,
+            optim.inner_momentum,
+            optim.noise,
+            optim.beta1,
+            optim.decay,
+            momentum_on_gradient_only=optim.inner_momentum_scope == "gradient",
         )
         self.work.model.train()
         started = time.perf_counter()
@@ -283,7 +291,8 @@ class WorkerLoop:
                 f"(lr {values.lr}, inner_lr {optim.inner_lr}); stopping, the last good checkpoint is kept"
             )
         elapsed = time.perf_counter() - started
-        return mu, RoundStats(mean_loss, steps, steps * self.spec.data.batch_size, elapsed)
+        samples = steps * self.spec.data.batch_size
+        return mu, RoundStats(mean_loss, steps, samples, elapsed, train_size=int(self.work.train_x.shape[0]))
 
     def _grad_at_live(self) -> Tensor:
         xb, yb = self.work.sampler.next_batch()
@@ -293,23 +302,32 @@ class WorkerLoop:
             loss.backward()
         return loss
 
-    def _finish(self, values: RoundValues, reply: ExchangeReply) -> None:
+    def _outer(self, values: RoundValues) -> OuterHyper:
         optim = self.spec.optim
-        hp = OuterHyper(values.lr, values.rho, optim.momentum, optim.nesterov)
+        return OuterHyper(values.lr, values.rho, optim.momentum, optim.nesterov)
+
+    def _finish(self, values: RoundValues, reply: ExchangeReply) -> None:
         reference = reply.reference.to(self.device, non_blocking=True)
         with torch.no_grad():
-            self.replica.finish_round(reference, hp)
-        if reply.directives.checkpoint:
-            self.transport.report_state(reply.closed_round + 1, self.state())
-        if reply.directives.evaluate:
-            self.transport.report_eval(self.evaluate_reference(reply, reference))
+            if self.spec.optim.mode == "async":
+                self.replica.easgd_exchange(reference, self.spec.optim.alpha)
+            else:
+                self.replica.finish_round(reference, self._outer(values))
+        duties = reply.directives
+        if duties.checkpoint:
+            self.transport.report_state(reply.closed_round, self.state())
+        elif duties.model:
+            self.transport.report_state(reply.closed_round, {"x": self.replica.x.cpu()})
+        if duties.evaluate:
+            model = self.transport.fetch_model(reply.closed_round)
+            self.transport.report_eval(self.evaluate_model(reply, model.to(self.device)))
 
-    def evaluate_reference(self, reply: ExchangeReply, reference: Tensor) -> EvalReport:
-        """Evaluate the reference in this replica's model (BN re-estimated first), then put the
+    def evaluate_model(self, reply: ExchangeReply, model: Tensor) -> EvalReport:
+        """Evaluate the job's model in this replica's network (BN re-estimated first), then put the
         replica's own weights back."""
         work, data = self.work, self.spec.data
         with torch.no_grad():
-            work.flat.load_(reference)
+            work.flat.load_(model)
             reestimate_batchnorm(work.model, work.train_x, data.batch_size, data.bn_batches)
             results = {"test": evaluate(work.model, work.test_x, work.test_y, data.test_batch_size)}
             subset = self.spec.eval.train_subset

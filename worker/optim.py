@@ -27,16 +27,21 @@ def _check(name: str, value: float, low: float, *, strict: bool = False, high: f
 
 
 class EntropySGD(torch.optim.Optimizer):
-    r"""Entropy-SGD (Chaudhari et al., 2017) with scoping, as in DESIGN.md section 3 with n = 1.
+    r"""Entropy-SGD (Chaudhari et al., 2017) with scoping: the trainer's algorithm with n = 1 (docs/algorithm.md).
 
     Each ``step(closure)`` runs a Langevin chain of ``L`` steps anchored at the weights x::
 
         y = x; mu = x
+        if inner_momentum_reset: inner buffer = 0
         repeat L times:                       # closure() draws a fresh mini-batch at y
-            g  = grad f(y) + wd y + gamma (y - x);  g = nesterov(g, inner_momentum)
+            scope "gradient": g = nesterov(grad f(y), inner_momentum) + wd y + gamma (y - x)
+            scope "all":      g = nesterov(grad f(y) + wd y + gamma (y - x), inner_momentum)
             y -= inner_lr g + noise sqrt(2 inner_lr) N(0, I)
             mu = beta1 mu + (1 - beta1) y
         d = momentum(x - mu);  x -= lr d;  gamma = min(gamma (1 + gamma_growth), gamma_max)
+
+    The defaults are those of the authors' ``entropyoptim.lua`` (``optim.entropysgd``): momentum on the raw
+    gradient, its buffer reset at every step, beta1 0.75, noise 1e-4, no outer momentum.
 
     With ``L = 0`` it is ``torch.optim.SGD(lr, momentum, nesterov, weight_decay)``: one closure call and
     a plain gradient step. The closure must call ``zero_grad()`` and ``backward()`` and return the loss;
@@ -61,6 +66,8 @@ class EntropySGD(torch.optim.Optimizer):
         inner_momentum: float = 0.9,
         noise: float = 1e-4,
         beta1: float = 0.75,
+        inner_momentum_scope: str = "gradient",
+        inner_momentum_reset: bool = True,
     ) -> None:
         _check("lr", lr, 0.0, strict=True)
         _check("momentum", momentum, 0.0, high=1.0)
@@ -75,6 +82,10 @@ class EntropySGD(torch.optim.Optimizer):
         _check("inner_momentum", inner_momentum, 0.0, high=1.0)
         _check("noise", noise, 0.0)
         _check("beta1", beta1, 0.0, high=1.0)
+        if inner_momentum_scope not in ("all", "gradient"):
+            raise ValueError(
+                f"EntropySGD: inner_momentum_scope must be 'all' or 'gradient' (got {inner_momentum_scope!r})"
+            )
         if nesterov and momentum <= 0:
             raise ValueError("EntropySGD: nesterov=True requires momentum > 0")
         defaults = dict(
@@ -90,12 +101,13 @@ class EntropySGD(torch.optim.Optimizer):
             inner_momentum=inner_momentum,
             noise=noise,
             beta1=beta1,
+            inner_momentum_scope=inner_momentum_scope,
         )
         super().__init__(params, defaults)
         if len(self.param_groups) != 1:
             raise ValueError(f"EntropySGD: params must form one parameter group (got {len(self.param_groups)})")
         self._flat = FlatParameters(self.param_groups[0]["params"])
-        self._replica = ReplicaState(self._flat.data, self._flat.grad, L)
+        self._replica = ReplicaState(self._flat.data, self._flat.grad, L, inner_momentum_reset)
         group = self.param_groups[0]
         group.setdefault("current_gamma", gamma)
 
@@ -136,6 +148,7 @@ class EntropySGD(torch.optim.Optimizer):
             noise=group["noise"],
             beta1=group["beta1"],
             weight_decay=group["weight_decay"],
+            momentum_on_gradient_only=group["inner_momentum_scope"] == "gradient",
         )
         replica.x.copy_(replica.live)  # the user may have changed the weights since the last step
         # Langevin noise comes from torch's global RNG, like dropout: torch.manual_seed makes runs repeatable.
@@ -158,3 +171,5 @@ class EntropySGD(torch.optim.Optimizer):
         if extra is not None:
             self._replica.outer_buf.copy_(extra["outer_buf"])
             self._replica.outer_steps = int(extra["outer_steps"][0])
+            if "inner_buf" in extra:
+                self._replica.inner_buf.copy_(extra["inner_buf"])

@@ -72,6 +72,7 @@ class GrpcTransport:
             start=tensors.get("reference") if head.start == pb.START_KIND_REFERENCE else None,
             replica_state=tensors if head.start == pb.START_KIND_REPLICA_STATE else None,
             lease_s=head.lease_seconds,
+            seed_center=head.seed_center,
         )
 
     def _start_heartbeats(self, every_s: float) -> None:
@@ -122,6 +123,7 @@ class GrpcTransport:
             samples=stats.samples,
             chain_seconds=stats.chain_seconds,
             tensors=encoded.headers,
+            train_size=stats.train_size,
         )
 
         def requests() -> Iterator[pb.ExchangeChunk]:
@@ -162,6 +164,16 @@ class GrpcTransport:
 
     def report_state(self, round: int, state: dict[str, Tensor]) -> None:
         self._report(pb.ReportHeader(round=round, state_kind=pb.STATE_KIND_REPLICA), sorted(state.items()))
+
+    def fetch_model(self, round: int) -> Tensor:
+        request = pb.FetchModelRequest(worker_id=self.worker_id, job_id=self.job_id, round=round)
+
+        def run() -> Tensor:
+            stream = self.stub.FetchModel(request, metadata=self.metadata, timeout=self._round_timeout_s)
+            head = next(stream).header
+            return receive_tensors(head.tensors, stream, context=f"model of round {round}")["model"]
+
+        return call(run)
 
     def close(self) -> None:
         try:

@@ -39,6 +39,9 @@ class InProcessTransport:
     def report_state(self, round: int, state: dict[str, Tensor]) -> None:
         self.endpoint.report_state(self._id(), round, state)
 
+    def fetch_model(self, round: int) -> Tensor:
+        return self.endpoint.fetch_model(self._id(), round, self.timeout_s)
+
     def fail(self, reason: str) -> None:
         self.endpoint.fail(self._id(), reason)
 

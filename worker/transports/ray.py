@@ -66,6 +66,10 @@ class RayTransport:
     def report_state(self, round: int, state: dict[str, Tensor]) -> None:
         self._call(self.coordinator.report_state, self.worker_id, round, state)
 
+    def fetch_model(self, round: int) -> Tensor:
+        timeout = self._round_timeout_s
+        return self._call(self.coordinator.fetch_model, self.worker_id, round, timeout, timeout_s=timeout + 10.0)
+
     def fail(self, reason: str) -> None:
         self._call(self.coordinator.fail, self.worker_id, reason)
 
