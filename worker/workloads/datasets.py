@@ -1,44 +1,44 @@
-"""Datasets as whole in-memory tensors: Fashion-MNIST, MNIST (IDX files), CIFAR-10 (python batches)
-and a deterministic synthetic set for tests and demos.
+"""Datasets as whole in-memory tensors, of any size: Fashion-MNIST and MNIST (IDX files), any IDX
+directory, CIFAR-10/100 (python batches), npz files, a user's ``package.module:callable``, and a
+deterministic synthetic set for tests and demos.
 
-Images are float32 N x C x H x W, normalised with per-dataset mean/std; labels are int64. Decoding is
-vectorised (numpy/torch, no per-sample Python) and cached per process, so several replicas in one
-process share one copy: consumers must treat the tensors as read-only.
+Images are float32 N x C x H x W; labels are int64. Fashion-MNIST, MNIST and CIFAR-10 are normalised
+with their published per-channel mean/std; idx, npz, cifar100 and callables with the per-channel mean/std
+of the (kept) training set, after scaling uint8 inputs to [0, 1]. The training-set size is whatever the
+data holds (``data.train_limit`` keeps its first N samples). Decoding is vectorised (numpy/torch, no
+per-sample Python except for a callable's torch Datasets) and cached per process, so several replicas in
+one process share one copy: consumers must treat the tensors as read-only.
+
+Format readers live in ``idx``, ``cifar`` and ``userdata``; validation and normalisation in ``prepare``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import gzip
-import pickle
+import json
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from protos.spec import DataSpec
+from protos.spec import DATASETS, DATASETS_WITH_ROOT, DataSpec
+from worker.workloads.cifar import load_cifar10, load_cifar100
 from worker.workloads.errors import WorkloadError
+from worker.workloads.idx import load_idx
+from worker.workloads.prepare import Splits, Stats, prepare
+from worker.workloads.userdata import load_callable, load_npz
 
 FASHION_MNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
 
-# Per-channel mean/std of the training split (pixel values in [0, 1]).
-_STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+# Published per-channel mean/std of the training split (pixel values in [0, 1]).
+_STATS: dict[str, Stats] = {
     "mnist": ((0.1307,), (0.3081,)),
     "fashion-mnist": ((0.2860,), (0.3530,)),
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
 }
-
-_IDX_FILES = {
-    "train_x": "train-images-idx3-ubyte",
-    "train_y": "train-labels-idx1-ubyte",
-    "test_x": "t10k-images-idx3-ubyte",
-    "test_y": "t10k-labels-idx1-ubyte",
-}
-_IDX_IMAGES_MAGIC, _IDX_LABELS_MAGIC = 2051, 2049
-_CIFAR_TRAIN = [f"data_batch_{i}" for i in range(1, 6)]
-_CIFAR_TEST = "test_batch"
+# Classes when data.num_classes is null (other sets: largest label + 1).
+_CLASSES = {"mnist": 10, "fashion-mnist": 10, "cifar10": 10, "cifar100": 100, "synthetic": 10}
 _SYNTHETIC_AMPLITUDE = 0.3
 
 
@@ -54,6 +54,11 @@ class Dataset:
     input_shape: tuple[int, int, int]
     name: str
 
+    @property
+    def train_size(self) -> int:
+        """Training samples (after ``data.train_limit``): what a data pass covers."""
+        return int(self.train_x.shape[0])
+
     def to(self, device: torch.device | str) -> Dataset:
         """A copy with every tensor on ``device`` (the same object's tensors if already there)."""
         return dataclasses.replace(
@@ -65,24 +70,37 @@ class Dataset:
         )
 
 
-_cache: dict[tuple[str, str, int, int], Dataset] = {}
+_cache: dict[tuple[object, ...], Dataset] = {}
 _cache_lock = threading.Lock()
 
 
-def load_dataset(spec: DataSpec, seed: int = 0) -> Dataset:
-    """The dataset named by ``spec.name`` (on CPU), decoded once per process and then shared.
-
-    ``seed`` only matters for ``synthetic``. Raises ``WorkloadError`` naming ``data.root`` or the bad
-    file when the data is missing or malformed."""
-    root = _root_for(spec)
+def cache_key(spec: DataSpec, seed: int = 0) -> tuple[object, ...]:
+    """Every field that changes what ``load_dataset`` returns (``seed`` only for ``synthetic``)."""
     synthetic = spec.name == "synthetic"
-    key = (spec.name, str(root), seed if synthetic else 0, spec.synthetic_size if synthetic else 0)
+    return (
+        spec.name,
+        str(_root_for(spec)),
+        json.dumps(spec.options, sort_keys=True, default=repr),
+        spec.train_limit,
+        spec.num_classes,
+        seed if synthetic else 0,
+        spec.synthetic_size if synthetic else 0,
+    )
+
+
+def load_dataset(spec: DataSpec, seed: int = 0) -> Dataset:
+    """The data set ``spec`` describes (on CPU), decoded once per process and then shared.
+
+    ``seed`` only matters for ``synthetic``. Raises ``WorkloadError`` (one line naming ``data.*`` or the
+    bad file, and the problem) when the data is missing or malformed."""
+    _check_options(spec)
+    key = cache_key(spec, seed)
     # One lock for all keys: decoding twice would only waste time, but replicas starting together
-    # would otherwise all decode 60k images at once.
+    # would otherwise all decode the same files at once.
     with _cache_lock:
         cached = _cache.get(key)
         if cached is None:
-            cached = _load_uncached(spec.name, root, seed, spec.synthetic_size)
+            cached = _load_uncached(spec, seed)
             _cache[key] = cached
     return cached
 
@@ -93,147 +111,61 @@ def clear_cache() -> None:
         _cache.clear()
 
 
-def _root_for(spec: DataSpec) -> Path:
+def _check_options(spec: DataSpec) -> None:
+    if spec.options and spec.name in DATASETS:
+        raise WorkloadError(
+            f"data.options: dataset {spec.name} takes no options (got {', '.join(map(str, spec.options))}); "
+            "options are keyword arguments of a package.module:callable data set"
+        )
+
+
+def _root_for(spec: DataSpec) -> Path | None:
     if spec.root is not None:
         return Path(spec.root).expanduser().resolve()
     if spec.name == "fashion-mnist":
         return FASHION_MNIST_ROOT
-    if spec.name == "synthetic":
-        return Path()
-    raise WorkloadError(f"data.root: dataset {spec.name} needs a directory")
+    if spec.name in DATASETS_WITH_ROOT:
+        raise WorkloadError(f"data.root: dataset {spec.name} needs a directory")
+    return None
 
 
-def _load_uncached(name: str, root: Path, seed: int, synthetic_size: int) -> Dataset:
-    if name in ("mnist", "fashion-mnist"):
-        return _load_idx_dataset(name, root)
-    if name == "cifar10":
-        return _load_cifar10(root)
+def _load_uncached(spec: DataSpec, seed: int) -> Dataset:
+    name = spec.name
     if name == "synthetic":
-        return make_synthetic(synthetic_size, seed)
-    raise WorkloadError(f"data.name: unknown dataset {name!r}; allowed: fashion-mnist, mnist, cifar10, synthetic")
+        data = make_synthetic(spec.synthetic_size, seed, spec.num_classes or _CLASSES["synthetic"])
+        return _limited(data, spec.train_limit)
+    root = _root_for(spec)
+    splits: Splits
+    if name in ("mnist", "fashion-mnist", "idx"):
+        assert root is not None
+        splits = load_idx(root, name)
+    elif name == "cifar10":
+        assert root is not None
+        splits = load_cifar10(root)
+    elif name == "cifar100":
+        assert root is not None
+        splits = load_cifar100(root)
+    elif name == "npz":
+        assert root is not None
+        splits = load_npz(root)
+    elif ":" in name:
+        splits = load_callable(name, spec.options)
+    else:
+        allowed = ", ".join(DATASETS)
+        raise WorkloadError(f"data.name: unknown dataset {name!r}; allowed: {allowed} or package.module:callable")
+    num_classes = spec.num_classes if spec.num_classes is not None else _CLASSES.get(name)
+    ready = prepare(splits, _STATS.get(name), num_classes, spec.train_limit)
+    return Dataset(ready.train_x, ready.train_y, ready.test_x, ready.test_y, ready.num_classes, ready.input_shape, name)
 
 
-def _normalise(images: np.ndarray, name: str) -> torch.Tensor:
-    mean, std = _STATS[name]
-    # astype copies into a writable array (frombuffer's view of the file bytes is read-only).
-    x = torch.from_numpy(images.astype(np.float32)).div_(255.0)
-    channels = x.shape[1]
-    x.sub_(torch.tensor(mean).view(1, channels, 1, 1)).div_(torch.tensor(std).view(1, channels, 1, 1))
-    return x
-
-
-def _labels(values: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(values.astype(np.int64))
-
-
-# ---------------------------------------------------------------------------------------------- IDX
-
-
-def _idx_needs(name: str) -> str:
-    files = ", ".join(f"{base}[.gz]" for base in _IDX_FILES.values())
-    return f"{name} needs {files}"
-
-
-def _find_idx_file(root: Path, base: str, name: str) -> Path:
-    # Also accept torchvision's layout (root/MNIST/raw, root/FashionMNIST/raw).
-    for directory in (root, root / "raw", root / "MNIST" / "raw", root / "FashionMNIST" / "raw"):
-        for candidate in (directory / f"{base}.gz", directory / base):
-            if candidate.is_file():
-                return candidate
-    raise WorkloadError(f"data.root: {root}: missing {base}[.gz] ({_idx_needs(name)})")
-
-
-def read_idx(path: Path, expect_magic: int) -> np.ndarray:
-    """An IDX file (optionally gzip-compressed) of unsigned bytes as an array of its declared shape."""
-    try:
-        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-    except (OSError, EOFError) as err:
-        raise WorkloadError(f"{path}: cannot read IDX file ({err})") from err
-    if len(raw) < 4:
-        raise WorkloadError(f"{path}: truncated IDX file ({len(raw)} bytes)")
-    magic = int.from_bytes(raw[:4], "big")
-    if magic != expect_magic:
-        raise WorkloadError(f"{path}: bad IDX magic {magic} (expected {expect_magic})")
-    ndim = magic & 0xFF
-    header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise WorkloadError(f"{path}: truncated IDX header")
-    shape = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
-    size = int(np.prod(shape))
-    if len(raw) != header + size:
-        raise WorkloadError(f"{path}: truncated IDX file: header says {size} bytes of data, found {len(raw) - header}")
-    return np.frombuffer(raw, dtype=np.uint8, count=size, offset=header).reshape(shape)
-
-
-def _load_idx_split(root: Path, name: str, images_key: str, labels_key: str) -> tuple[np.ndarray, np.ndarray]:
-    images_path = _find_idx_file(root, _IDX_FILES[images_key], name)
-    labels_path = _find_idx_file(root, _IDX_FILES[labels_key], name)
-    images = read_idx(images_path, _IDX_IMAGES_MAGIC)
-    labels = read_idx(labels_path, _IDX_LABELS_MAGIC)
-    if len(images) != len(labels):
-        raise WorkloadError(f"{labels_path}: {len(labels)} labels for {len(images)} images in {images_path}")
-    return images, labels
-
-
-def _load_idx_dataset(name: str, root: Path) -> Dataset:
-    if not root.is_dir():
-        raise WorkloadError(f"data.root: {root}: no such directory ({_idx_needs(name)})")
-    train_images, train_labels = _load_idx_split(root, name, "train_x", "train_y")
-    test_images, test_labels = _load_idx_split(root, name, "test_x", "test_y")
-    train_x = _normalise(train_images[:, None], name)
-    return Dataset(
-        train_x=train_x,
-        train_y=_labels(train_labels),
-        test_x=_normalise(test_images[:, None], name),
-        test_y=_labels(test_labels),
-        num_classes=10,
-        input_shape=(1, int(train_x.shape[2]), int(train_x.shape[3])),
-        name=name,
-    )
-
-
-# ------------------------------------------------------------------------------------------ CIFAR-10
-
-
-def _cifar_dir(root: Path) -> Path:
-    needs = f"cifar10 needs {', '.join([*_CIFAR_TRAIN, _CIFAR_TEST])}"
-    if not root.is_dir():
-        raise WorkloadError(f"data.root: {root}: no such directory ({needs})")
-    for directory in (root, root / "cifar-10-batches-py"):
-        if (directory / _CIFAR_TEST).is_file():
-            return directory
-    raise WorkloadError(f"data.root: {root}: missing {_CIFAR_TEST} ({needs})")
-
-
-def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    if not path.is_file():
-        raise WorkloadError(f"data.root: {path}: no such file (a CIFAR-10 python batch)")
-    try:
-        with path.open("rb") as f:
-            # Local files in the standard CIFAR-10 python format, which is a pickle.
-            batch = pickle.load(f, encoding="bytes")
-        data = np.asarray(batch[b"data"], dtype=np.uint8)
-        labels = np.asarray(batch[b"labels"], dtype=np.int64)
-    except Exception as err:
-        raise WorkloadError(f"{path}: not a CIFAR-10 python batch ({type(err).__name__}: {err})") from err
-    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(data) != len(labels):
-        raise WorkloadError(f"{path}: expected N x 3072 data and N labels, got {data.shape} and {labels.shape}")
-    return data.reshape(-1, 3, 32, 32), labels
-
-
-def _load_cifar10(root: Path) -> Dataset:
-    directory = _cifar_dir(root)
-    parts = [_read_cifar_batch(directory / name) for name in _CIFAR_TRAIN]
-    test_images, test_labels = _read_cifar_batch(directory / _CIFAR_TEST)
-    return Dataset(
-        train_x=_normalise(np.concatenate([p[0] for p in parts]), "cifar10"),
-        train_y=torch.from_numpy(np.concatenate([p[1] for p in parts])),
-        test_x=_normalise(test_images, "cifar10"),
-        test_y=torch.from_numpy(test_labels),
-        num_classes=10,
-        input_shape=(3, 32, 32),
-        name="cifar10",
-    )
+def _limited(data: Dataset, train_limit: int | None) -> Dataset:
+    if train_limit is None:
+        return data
+    if train_limit > data.train_size:
+        raise WorkloadError(
+            f"data.train_limit: {train_limit} is larger than the training set ({data.train_size} samples)"
+        )
+    return dataclasses.replace(data, train_x=data.train_x[:train_limit], train_y=data.train_y[:train_limit])
 
 
 # ----------------------------------------------------------------------------------------- synthetic
