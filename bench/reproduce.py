@@ -1,67 +1,78 @@
-"""A small reproduction on Fashion-MNIST / LeNet: SGD, Entropy-SGD, Elastic-SGD (n=3) and Parle (n=3)
-at the same data passes per replica, through the local runtime.
+"""The reproduction: SGD, Entropy-SGD, Elastic-SGD, Parle and EASGD on LeNet / Fashion-MNIST, 3 seeds each.
 
-    python -m bench.reproduce --epochs 5 --out bench/results/fmnist-lenet
+    python -m bench.reproduce                          # both regimes, seeds 0 1 2; resumable
+    python -m bench.reproduce --regimes small --seeds 0 --methods sgd parle
+    python -m bench.reproduce --report-only            # tables and plots from what has finished
 
-Writes one run directory per method under --out, ``results.md`` (test error table) and ``curves.png``.
-Every method drops its learning rate by 10x at 60% of the budget; scoping (gamma, rho) is sized to reach
-its caps at the end of the budget (DESIGN.md section 3).
+Two regimes (``REGIMES``): the full training set for 10 data passes per replica, and a fixed 5,000-image
+subset (``data.train_limit``) for 100 data passes per replica, where SGD overfits. Every method gets the
+same data passes per replica; ``sgd-x3`` gets n = 3 times as many (the same total gradients as the
+3-replica methods). Every method but EASGD (whose SGD step is the unscheduled inner_lr) drops its learning
+rate 10x at 60% of its budget. Scoping is sized to
+the budget as the authors size theirs: their parle.py grows gamma and rho by (1 + 0.5/nb) per round for
+5 of their epochs of nb rounds, a factor e^2.5 in all; here the same factor over our budget's rounds.
+
+Each run is a run directory ``OUT/REGIME/METHOD/seedS`` trained through the local runtime; a finished run
+(its ``summary.json`` exists) is skipped, an interrupted one resumes from its last checkpoint, so the
+command can be stopped and started again. ``OUT/results.md`` gets one table per regime (mean and standard
+deviation over the finished seeds) and ``OUT/REGIME.png`` the test-error curves of seed 0.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import statistics
 import time
 from pathlib import Path
 from typing import Any
 
-from cluster.local import run_local
-from cluster.plot import plot_run_dirs
+from cluster.local import preflight, run_local
+from cluster.plot import plot_runs
 from coordinator.events import read_events
-from protos.spec import batches_per_epoch, growth_to_reach, resolve
+from coordinator.schedules import Schedule
+from protos.spec import JobSpec, resolve
+
+REGIMES: dict[str, dict[str, Any]] = {
+    "full": {"epochs": 10.0, "data": {}, "eval_every": 1.0},
+    "small": {"epochs": 100.0, "data": {"train_limit": 5000}, "eval_every": 10.0},
+}
+METHODS = ["sgd", "sgd-x3", "entropy-sgd", "elastic-sgd", "parle", "easgd"]
+SCOPING_FACTOR = math.exp(2.5)  # the authors' total growth over their default budget (see the docstring)
 
 
-def method_configs(epochs: float, batch_size: int) -> dict[str, dict[str, Any]]:
-    drop = [round(0.6 * epochs, 3)]
-    base = {
-        "epochs": epochs,
-        "model": {"name": "lenet"},
-        "data": {"name": "fashion-mnist", "batch_size": batch_size},
-        "eval": {"every_epochs": 0.5},
-    }
-    bpe = batches_per_epoch(resolve(base).data)
-
-    def rounds(L: int) -> int:
-        return math.ceil(epochs * bpe / max(L, 1))
-
+def job(regime: str, method: str, seed: int, batch_size: int = 128) -> dict[str, Any]:
+    """The job of one run, before the budget-sized scoping (which needs the data set's size)."""
+    r = REGIMES[regime]
+    preset = "sgd" if method == "sgd-x3" else method
+    replicas = 1 if preset in ("sgd", "entropy-sgd") else 3
+    epochs = r["epochs"] * (3 if method == "sgd-x3" else 1)
     return {
-        "sgd": {**base, "preset": "sgd", "optim": {"lr": 0.1, "lr_drop_epochs": drop}},
-        "entropy-sgd": {
-            **base,
-            "preset": "entropy-sgd",
-            # the authors' MNIST settings: gamma 0.03 scoped by 1e-3 per round, outer lr 1
-            "optim": {"L": 20, "lr": 1.0, "lr_drop_epochs": drop, "gamma0": 0.03, "gamma_growth": 1e-3},
-        },
-        "elastic-sgd": {
-            **base,
-            "preset": "elastic-sgd",
-            "replicas": 3,
-            "optim": {"lr": 0.1, "lr_drop_epochs": drop, "rho_growth": growth_to_reach(1.0, 10.0, rounds(0))},
-        },
-        "parle": {
-            **base,
-            "preset": "parle",
-            "replicas": 3,
-            "optim": {
-                "L": 25,
-                "lr": 0.1,
-                "lr_drop_epochs": drop,
-                "gamma_growth": growth_to_reach(0.01, 1.0, rounds(25)),
-                "rho_growth": growth_to_reach(1.0, 10.0, rounds(25)),
-            },
-        },
+        "name": f"{regime}-{method}-s{seed}",
+        "preset": preset,
+        "replicas": replicas,
+        "epochs": epochs,
+        "seed": seed,
+        "model": {"name": "lenet"},
+        "data": {"name": "fashion-mnist", "batch_size": batch_size, **r["data"]},
+        # EASGD's step size is its inner (SGD) learning rate, which has no schedule: it runs without the drop.
+        "optim": {"lr_drop_epochs": [] if method == "easgd" else [round(0.6 * epochs, 4)]},
+        "eval": {"every_epochs": r["eval_every"] * (3 if method == "sgd-x3" else 1), "train_subset": 5000},
     }
+
+
+def sized(raw: dict[str, Any], train_size: int) -> JobSpec:
+    """Set gamma and rho growth so that they grow by SCOPING_FACTOR over the budget (capped)."""
+    spec = resolve(raw)
+    rounds = Schedule(spec, train_size).total_rounds
+    growth = SCOPING_FACTOR ** (1.0 / rounds) - 1.0
+    optim = dict(raw["optim"])
+    if spec.optim.gamma0 > 0:
+        optim["gamma_growth"] = growth
+    if spec.optim.rho0 > 0:
+        optim["rho_growth"] = growth
+    return resolve({**raw, "optim": optim})
 
 
 def summarize(run_dir: Path) -> dict[str, float]:
@@ -78,38 +89,89 @@ def summarize(run_dir: Path) -> dict[str, float]:
     }
 
 
+def run_one(out: Path, regime: str, method: str, seed: int, device: str) -> dict[str, float] | None:
+    run_dir = out / regime / method / f"seed{seed}"
+    summary = run_dir / "summary.json"
+    if summary.is_file():
+        return dict(json.loads(summary.read_text()))
+    raw = {**job(regime, method, seed), "device": device}
+    spec = resolve(raw)
+    train_size = preflight(spec)
+    spec = sized(raw, train_size)
+    resume = (run_dir / "config.yaml").is_file()
+    started = time.monotonic()
+    print(
+        f"[{time.strftime('%H:%M:%S')}] {regime}/{method}/seed{seed}: {'resuming' if resume else 'starting'}",
+        flush=True,
+    )
+    result = run_local(spec, run_dir, resume=resume, train_size=train_size)
+    if result.state.value != "succeeded":
+        print(f"  {result.state.value}: {result.message or result.errors}", flush=True)
+        return None
+    figures = summarize(run_dir)
+    summary.write_text(json.dumps(figures))
+    print(f"  done in {time.monotonic() - started:.0f}s: test error {figures['final_test']:.2f}%", flush=True)
+    return figures
+
+
+def _cell(values: list[float]) -> str:
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def report(out: Path, seeds: list[int]) -> str:
+    lines = ["# Reproduction results", "", "Regenerate: `python -m bench.reproduce` (resumable; see its docstring)."]
+    lines.append("")
+    for regime, r in REGIMES.items():
+        size = "5,000-image subset" if r["data"] else "full training set (60,000)"
+        lines += [
+            f"## {regime}: LeNet-BN, Fashion-MNIST {size}, {r['epochs']:g} data passes per replica",
+            "",
+            "| method | n | seeds | final test error % | best test error % | final train error % | wall-clock s |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        curves: dict[str, list[dict[str, Any]]] = {}
+        for method in METHODS:
+            rows = []
+            for seed in seeds:
+                summary = out / regime / method / f"seed{seed}" / "summary.json"
+                if summary.is_file():
+                    rows.append(json.loads(summary.read_text()))
+            n = job(regime, method, 0)["replicas"]
+            cols = [_cell([row[k] for row in rows]) for k in ("final_test", "best_test", "final_train", "seconds")]
+            lines.append(f"| {method} | {n} | {len(rows)} | " + " | ".join(cols) + " |")
+            first = out / regime / method / f"seed{seeds[0]}" / "metrics.jsonl"
+            if first.is_file():
+                curves[method] = read_events(first)
+        if curves:
+            plot_runs(curves, out / f"{regime}.png")
+            lines += ["", f"![{regime}]({regime}.png)"]
+        lines.append("")
+    text = "\n".join(lines)
+    (out / "results.md").write_text(text)
+    return text
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--epochs", type=float, default=5.0, help="data passes per replica")
-    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--regimes", nargs="+", default=list(REGIMES), choices=list(REGIMES))
+    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--methods", nargs="+", default=["sgd", "entropy-sgd", "elastic-sgd", "parle"])
-    parser.add_argument("--out", type=Path, default=Path("bench/results/fmnist-lenet"))
+    parser.add_argument("--out", type=Path, default=Path("bench/results/reproduction"))
+    parser.add_argument("--report-only", action="store_true", help="only write results.md and the plots")
     args = parser.parse_args(argv)
-    configs = method_configs(args.epochs, args.batch_size)
-    rows = []
-    for name in args.methods:
-        spec = resolve({**configs[name], "name": name, "device": args.device})
-        run_dir = args.out / name
-        started = time.monotonic()
-        result = run_local(spec, run_dir)
-        print(f"{name}: {result.state.value} in {time.monotonic() - started:.0f}s", flush=True)
-        rows.append((name, spec.replicas, spec.optim.L, summarize(run_dir)))
-    lines = [
-        f"Fashion-MNIST, LeNet-BN, {args.epochs:g} data passes per replica, batch {args.batch_size}, "
-        f"device {args.device}. Command: `python -m bench.reproduce --epochs {args.epochs:g}`",
-        "",
-        "| method | n | L | final test error % | best test error % | final train error % | wall-clock s |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for name, n, L, s in rows:
-        lines.append(
-            f"| {name} | {n} | {L} | {s['final_test']:.2f} | {s['best_test']:.2f} | {s['final_train']:.2f} "
-            f"| {s['seconds']:.0f} |"
-        )
-    (args.out / "results.md").write_text("\n".join(lines) + "\n")
-    plot_run_dirs([args.out / name for name in args.methods], args.out / "curves.png")
-    print("\n".join(lines))
+    args.out.mkdir(parents=True, exist_ok=True)
+    if not args.report_only:
+        for seed in args.seeds:  # seed by seed: a stopped run leaves whole seeds behind
+            for regime in args.regimes:
+                for method in args.methods:
+                    run_one(args.out, regime, method, seed, args.device)
+                    report(args.out, args.seeds)
+    print(report(args.out, args.seeds))
 
 
 if __name__ == "__main__":
