@@ -28,6 +28,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from cluster.local import preflight, run_local
 from cluster.plot import plot_runs
 from coordinator.events import read_events
@@ -163,7 +165,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, default=Path("bench/results/reproduction"))
     parser.add_argument("--report-only", action="store_true", help="only write results.md and the plots")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default); e.g. 1 per process")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     if not args.report_only:
         for seed in args.seeds:  # seed by seed: a stopped run leaves whole seeds behind
