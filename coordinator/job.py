@@ -409,9 +409,9 @@ class Job:
             }
         )
         self.center = center
-        if not sync:
-            self.model = center
-            self._models = {k: center}
+        if not sync:  # a snapshot: the live center moves on with every exchange
+            self.model = center.clone()
+            self._models = {k: self.model}
         if gather:
             self._pending = PendingModel(k, center, {m.replica for m in live}, checkpoint)
             if self._pending.complete:  # nobody left to upload
@@ -440,8 +440,9 @@ class Job:
         member.round += 1
         self._stats.append(stats)
         evaluate = False
-        # One job round = as many reports as live replicas: the clock for evals and checkpoints.
-        if len(self._stats) >= len(self._members) and self.round < schedule.total_rounds:
+        # One job round = one report per replica (n reports, whoever sends them): the clock for evals and
+        # checkpoints, so the last round closes on the job's last exchange.
+        if len(self._stats) >= self.spec.replicas and self.round < schedule.total_rounds:
             self._sum.add(self.center)
             closed = self._close_round(evaluator_hint=member.worker_id)
             evaluate = closed.evaluator == member.worker_id
@@ -484,9 +485,10 @@ class Job:
             if x is None:
                 raise CoordinatorError("INVALID_ARGUMENT", f"replica state from {worker_id} has no 'x'")
             self._check_tensor(x, f"replica {member.replica}'s weights x")
-            if self.spec.optim.mode == "async" and self.center is None:
-                self.center = x.detach().reshape(-1).clone()
-                self.model = self.center
+            if self.spec.optim.mode == "async":  # the shared start; a second replica's copy of it is moot
+                if self.center is None:
+                    self.center = x.detach().reshape(-1).clone()
+                    self.model = self.center.clone()
                 return
             pending = self._pending
             if pending is None or pending.round != round or member.replica in pending.reported:

@@ -243,21 +243,29 @@ class WorkerLoop:
     def _train(self, grant: JoinGrant) -> None:
         self._setup(grant)
         values = grant.values
+        is_async = self.spec.optim.mode == "async"
         while True:
             with self.turns(self.replica_index), self.rng.scope():
                 upload, stats = self._chain(values)
-                if self.spec.optim.mode == "async":  # x takes its local step; the exchange sends x
+                if is_async:  # x takes its local step and the exchange sends x, within the turn: replicas
+                    # sharing a process then reach the center in a fixed order, so async runs repeat too
                     with torch.no_grad():
                         upload = self.replica.local_step(self._outer(values))
-            started = time.perf_counter()
-            reply = self.transport.exchange(values.round, upload, stats)
-            self._record(grant.job_id, stats, time.perf_counter() - started)
+                    reply = self._exchange(grant.job_id, values, upload, stats)
+            if not is_async:  # a sync exchange waits for every replica: never while holding the turn
+                reply = self._exchange(grant.job_id, values, upload, stats)
             self._finish(values, reply)
             self.rounds_done += 1
             if reply.directives.stop or self._stop.is_set():
                 log.info("%s stopping after round %d", self.prefix, values.round)
                 return
             values = reply.next_values
+
+    def _exchange(self, job_id: str, values: RoundValues, upload: Tensor, stats: RoundStats) -> ExchangeReply:
+        started = time.perf_counter()
+        reply = self.transport.exchange(values.round, upload, stats)
+        self._record(job_id, stats, time.perf_counter() - started)
+        return reply
 
     @staticmethod
     def _record(job_id: str, stats: RoundStats, exchange_seconds: float) -> None:
