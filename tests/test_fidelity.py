@@ -20,15 +20,14 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from model_checks import assert_result_is_the_model
 from safetensors.torch import load_file
 from torch import Tensor
 
 from cluster.local import run_local
 from coordinator.checkpoint import CheckpointStore, unpack_job_state
 from protos.spec import JobSpec, resolve
-from worker.flat import FlatParameters
 from worker.loop import Workload
-from worker.workloads import build_model
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -200,12 +199,5 @@ def test_exported_evaluated_and_final_weights_are_the_mean_of_the_replicas(
     tmp_path: Path, preset: str, replicas: int, optim: dict[str, Any]
 ) -> None:
     spec = _spec(preset, replicas, 4, **optim)
-    run_dir, final = _run(spec, tmp_path)
-    _, _, states = _last_checkpoint(run_dir)
-    mean_x = torch.stack([states[a]["x"] for a in range(replicas)]).mean(0)
-    assert torch.allclose(final["reference"], mean_x, atol=1e-6)
-    # final.safetensors: the evaluated model's state dict (BatchNorm statistics re-estimated)
-    exported = load_file(str(run_dir / "final.safetensors"))
-    net = build_model(spec.model, (1, 28, 28), 10)
-    net.load_state_dict(exported)
-    assert torch.allclose(FlatParameters(net.parameters()).data, mean_x, atol=1e-6)
+    run_dir, _ = _run(spec, tmp_path)
+    assert_result_is_the_model(run_dir, spec)

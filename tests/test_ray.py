@@ -21,6 +21,7 @@ import pytest
 import ray
 import torch
 import yaml
+from model_checks import assert_result_is_the_model
 from safetensors.torch import load_file
 from transport_suite import CHECKS, Harness
 
@@ -28,7 +29,6 @@ from cluster.local import run_local
 from cluster.ray_runtime import CoordinatorActor, RayDriver, RayResourceError, run_ray
 from coordinator.checkpoint import CheckpointStore
 from coordinator.events import read_events
-from coordinator.schedules import Schedule
 from protos.spec import JobSpec, resolve
 from worker.transports import WorkerTransport
 from worker.transports.ray import RayTransport
@@ -89,13 +89,12 @@ class RayJobProxy:
 
     def __init__(self, actor: Any, spec: JobSpec, directory: Path) -> None:
         self.actor, self.spec, self.job_id = actor, spec, directory.name
-        self.schedule = Schedule(spec)
         self.store = CheckpointStore(directory / "checkpoints")
 
     def _inspect(self, key: str) -> Any:
         return ray.get(self.actor.inspect.remote(), timeout=30)[key]
 
-    reference = property(lambda self: self._inspect("reference"))
+    center = property(lambda self: self._inspect("center"))
     round = property(lambda self: self._inspect("round"))
     live_workers = property(lambda self: self._inspect("live_workers"))
 
@@ -135,6 +134,7 @@ def test_ray_runtime_matches_the_in_process_runtime(ray_head: dict[str, Any], tm
     a = load_file(str(tmp_path / "local" / "reference.safetensors"))["reference"]
     b = load_file(str(tmp_path / "ray" / "reference.safetensors"))["reference"]
     assert torch.allclose(a, b, atol=1e-5, rtol=0), float((a - b).abs().max())
+    assert_result_is_the_model(tmp_path / "ray", spec)
 
 
 def _free_ports(count: int) -> int:

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from coordinator.job import Job
+from coordinator.schedules import Schedule
 from protos.messages import CoordinatorError, ExchangeReply, RoundStats
 from protos.spec import JobSpec, resolve
 from worker.transports import WorkerTransport
@@ -88,7 +89,7 @@ def check_sync_round_returns_the_mean(h: Harness) -> None:
     assert torch.allclose(ra.reference, (mu_a + mu_b) / 2, atol=1e-6)
     assert torch.equal(ra.reference, rb.reference)
     assert ra.closed_round == 0 and ra.next_values.round == 1
-    assert ra.next_values.gamma == pytest.approx(job.schedule.gamma(1))
+    assert ra.next_values.gamma == pytest.approx(Schedule(job.spec, STATS.train_size).gamma(1))
     assert ra.directives.checkpoint  # every_rounds: 1
 
 

@@ -29,6 +29,7 @@ from worker.replica import ReplicaState
 from worker.transports import WorkerTransport
 from worker.workloads import (
     BatchSampler,
+    WorkloadError,
     build_model,
     evaluate,
     load_dataset,
@@ -183,10 +184,16 @@ class WorkerLoop:
                 return
             try:
                 self._train(grant)
-            except NonFiniteLoss as err:
+            except (NonFiniteLoss, WorkloadError) as err:
+                # The job's failure, not the worker's: the job goes FAILED with the message, and a pool
+                # worker goes on to serve the next job.
+                message = f"replica {grant.replica}: {err}"
+                log.error("%s %s", self.prefix, message)
                 with contextlib.suppress(CoordinatorError):
-                    self.transport.fail(str(err))
-                raise
+                    self.transport.fail(message)
+                if not self.serve_forever:
+                    raise
+                continue
             except CoordinatorError as err:
                 if err.code not in REJOIN_CODES:
                     raise
