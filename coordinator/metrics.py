@@ -1,4 +1,4 @@
-"""The coordinator's Prometheus metrics (DESIGN.md section 5: prefix ``parle_``, base units, counters
+"""The coordinator's Prometheus metrics (prefix ``parle_``, base units, counters
 end in ``_total``, low-cardinality labels: job ids are labels, worker ids never are).
 
 ``JobMetrics`` turns a job's events into metric updates; the gRPC server adds rejections and bytes.

@@ -1,7 +1,7 @@
 """The coordinator's gRPC server: the ``Coordinator`` service for workers and ``Jobs`` for clients.
 
 Handlers validate before they touch state and answer every refusal with a status code and a message
-a person can act on (DESIGN.md section 4); a counter of rejections by reason goes up each time.
+a person can act on (see parle.proto); a counter of rejections by reason goes up each time.
 """
 
 from __future__ import annotations

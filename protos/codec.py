@@ -1,4 +1,4 @@
-"""Tensors <-> chunked little-endian bytes for ``parle.proto`` (DESIGN.md section 4).
+"""Tensors <-> chunked little-endian bytes for ``parle.proto`` (the wire rules are in its header).
 
 A tensor set travels as a list of ``TensorHeader`` (name, dtype, shape, byte count, chunk count,
 optional SHA-256) followed by ``TensorChunk`` messages of raw bytes, at most ``MAX_CHUNK_BYTES`` each,

@@ -1,4 +1,4 @@
-"""Malformed requests to a real gRPC coordinator (DESIGN.md section 4).
+"""Malformed requests to a real gRPC coordinator: every one gets its status code and leaves the center untouched.
 
 Every malformed request must be answered with the exact status code the design names (never UNKNOWN or
 INTERNAL), the server must stay up, a rejected update must leave the job's reference bitwise unchanged

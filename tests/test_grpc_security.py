@@ -1,4 +1,4 @@
-"""Who may talk to the coordinator (DESIGN.md section 4): bearer tokens on every RPC of both services,
+"""Who may talk to the coordinator: bearer tokens on every RPC of both services,
 TLS with a CA generated at test time, and job files that stay inside the state directory."""
 
 from __future__ import annotations

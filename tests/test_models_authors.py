@@ -11,9 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from protos.spec import ModelSpec
+from protos.spec import ModelSpec, resolve
 from worker.workloads import WorkloadError, build_model, count_parameters
-from worker.workloads.models import DEFAULT_WEIGHT_DECAY, default_weight_decay
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -174,10 +173,8 @@ def test_forward_shapes(name: str, shape: tuple[int, int, int], num_classes: int
         assert model(torch.randn(2, *shape)).shape == (2, num_classes)
 
 
-def test_default_weight_decay() -> None:
-    assert DEFAULT_WEIGHT_DECAY == {"mnistfc": 0.0, "lenet": 0.0, "allcnn": 1e-3, "wrn": 5e-4}
-    for name, wd in DEFAULT_WEIGHT_DECAY.items():
-        assert default_weight_decay(name) == wd
-    assert default_weight_decay("my_pkg.nets:build") == 0.0
-    with pytest.raises(WorkloadError, match=r"^model\.name: unknown model 'resnet'"):
-        default_weight_decay("resnet")
+def test_default_weight_decay_follows_the_model() -> None:
+    for name, wd in {"mnistfc": 0.0, "lenet": 0.0, "allcnn": 1e-3, "wrn": 5e-4}.items():
+        assert resolve({"model": {"name": name}}).optim.weight_decay == wd
+    assert resolve({"model": {"name": "my_pkg.nets:build"}}).optim.weight_decay == 0.0
+    assert resolve({"model": {"name": "wrn"}, "optim": {"weight_decay": 1e-4}}).optim.weight_decay == 1e-4

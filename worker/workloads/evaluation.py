@@ -1,6 +1,6 @@
 """Loss and error of a model on a split, and BatchNorm re-estimation before the reference is evaluated.
 
-BN running statistics are buffers, never averaged across replicas (DESIGN.md section 3), so the
+BN running statistics are buffers, never averaged across replicas (docs/algorithm.md), so the
 reference's statistics are stale; ``reestimate_batchnorm`` recomputes them from training data.
 """
 

@@ -47,37 +47,9 @@ BUILTIN_MODELS = ("mnistfc", "lenet", "allcnn", "wrn")
 
 Shape = tuple[int, int, int]
 
-# The authors' weight decay (their ``l2``, added to the gradient as l2 * w) when none is given. Their
-# command line defaults ``--l2`` to -1 ("use the model's value": pratikac/distributed-ensembles
-# ``code/main.py``, ``add_args`` list) and each model's ``__init__`` sets the value.
-DEFAULT_WEIGHT_DECAY: dict[str, float] = {
-    # pratikac/distributed-ensembles code/models.py, mnistfc.__init__: opt['l2'] = 0
-    # (ucla-vision/entropy-sgd python/train.py and train.lua default --l2/--L2 to 0 for every model).
-    "mnistfc": 0.0,
-    # pratikac/distributed-ensembles code/models.py, lenet.__init__: opt['l2'] = 0.
-    "lenet": 0.0,
-    # pratikac/distributed-ensembles code/models.py, allcnn.__init__: opt['l2'] = 1e-3 when unset
-    # (ucla-vision/entropy-sgd README.md trains its CIFAR-10 All-CNN with --L2 1e-3 too).
-    "allcnn": 1e-3,
-    # pratikac/distributed-ensembles code/models.py, wideresnet.__init__: opt['l2'] = 5e-4 when unset.
-    "wrn": 5e-4,
-}
-
 # model.options a built-in accepts, with the builder keyword each sets. The authors' dropout rate
 # (their ``-d``) defaults per model: allcnn.__init__ 0.5, wideresnet.__init__ 0.25.
 _BUILTIN_OPTIONS: dict[str, tuple[str, ...]] = {"allcnn": ("dropout",), "wrn": ("dropout",)}
-
-
-def default_weight_decay(model_name: str) -> float:
-    """The authors' weight decay for built-in ``model_name``; 0.0 for a ``package.module:callable``.
-
-    Raises ``WorkloadError`` naming ``model.name`` for an unknown built-in."""
-    if ":" in model_name:
-        return 0.0
-    if model_name not in DEFAULT_WEIGHT_DECAY:
-        allowed = ", ".join(BUILTIN_MODELS)
-        raise WorkloadError(f"model.name: unknown model {model_name!r}; allowed: {allowed} or package.module:callable")
-    return DEFAULT_WEIGHT_DECAY[model_name]
 
 
 def count_parameters(model: nn.Module) -> int:

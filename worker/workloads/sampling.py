@@ -1,6 +1,6 @@
 """Which samples a replica sees, and in what order.
 
-``shard_indices`` implements DESIGN.md section 3: one global shuffle, replica a takes the contiguous
+``shard_indices`` implements docs/algorithm.md (data): one global shuffle, replica a takes the contiguous
 slice starting at (a / n mod 1) of it, of length frac * N, wrapping around the end.
 
 ``BatchSampler`` walks a shard in a fresh order each epoch. The order of epoch e is a pure function of
