@@ -466,3 +466,33 @@ def test_cli_bad_data_is_one_line_and_writes_nothing(tmp_path: Path) -> None:
         lines[0],
     ), result.stderr
     assert not run.exists()
+
+
+@pytest.mark.parametrize("source", ["npz", "callable"])
+def test_jobs_train_on_npz_and_callable_data_sets(tmp_path: Path, source: str) -> None:
+    """Through the local runtime: the schedule is sized by the data set's own size (300 samples)."""
+    from cluster.local import preflight, run_local
+    from protos.spec import resolve
+
+    rng = np.random.default_rng(7)
+    if source == "npz":
+        train = {"x": rng.integers(0, 256, (300, 6, 5), dtype=np.uint8), "y": np.arange(300) % 4}
+        write_npz(tmp_path / "data", train, {"x": train["x"][:40], "y": train["y"][:40]})
+        data: dict[str, Any] = {"name": "npz", "root": str(tmp_path / "data")}
+    else:
+        data = {"name": f"{FIXTURES}:make", "options": {"kind": "datasets", "n_train": 300, "classes": 4}}
+    spec = resolve(
+        {
+            "preset": "parle",
+            "replicas": 2,
+            "epochs": 1,
+            "model": {"name": "toy_models:mlp"},
+            "data": {**data, "batch_size": 30},
+            "optim": {"L": 2},
+        }
+    )
+    size = preflight(spec)
+    assert size == 300
+    result = run_local(spec, tmp_path / "run", train_size=size)
+    assert result.state.value == "succeeded", result.message or result.errors
+    assert result.rounds == 5  # 300 / 30 = 10 batches per data pass, L = 2
