@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 DEMO_CONFIG ?= examples/parle.yaml
 
-.PHONY: setup demo test lint typecheck unit bench clean
+.PHONY: setup demo test test-compose lint typecheck unit bench clean
 
 setup:
 	@scripts/setup.sh
@@ -26,6 +26,11 @@ test: setup
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	$(BIN)/pytest
+
+# docker-compose.yml in a real Docker engine (root, or a running engine): installs docker.io and debootstrap
+# when missing, starts dockerd when none answers, builds the images offline (cached), runs the cluster.
+test-compose: setup
+	PARLE_COMPOSE_TEST=1 $(BIN)/pytest -s tests/test_compose.py
 
 bench: setup
 	$(BIN)/python -m bench.inner_step
