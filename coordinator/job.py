@@ -324,6 +324,10 @@ class Job:
             self._check_tensor(mu)
             if stats.train_size > 0:
                 self._learn_train_size(stats.train_size, f"replica {member.replica}")
+            elif self.schedule is None:
+                raise CoordinatorError(
+                    "INVALID_ARGUMENT", "train_size is missing: the job's schedule needs the training set's size"
+                )
             if self.spec.optim.mode == "async":
                 return self._exchange_async(member, round, mu, stats)
             if round != self.round or worker_id in self._reported:

@@ -101,6 +101,7 @@ def upload(job_id: str, worker_id: str, round: int, headers: list[pb.TensorHeade
             samples=64,
             chain_seconds=0.01,
             tensors=headers,
+            train_size=256,
         )
     )
 
@@ -749,8 +750,15 @@ def test_report_malformed(env: Env) -> None:
         *(pb.ReportChunk(chunk=c) for c in list(chunks)[:-1]),
     ]
     rejects(env, INVALID, report(env, short))
-    # A valid replica state when no checkpoint is being taken.
+    # A replica state without the weights x.
     headers, chunks = encode_tensors([("weights", torch.randn(100))])
+    no_x = [
+        report_header(env, state_kind=pb.STATE_KIND_REPLICA, tensors=headers),
+        *(pb.ReportChunk(chunk=c) for c in chunks),
+    ]
+    rejects(env, INVALID, report(env, no_x))
+    # Valid weights when no model is being gathered.
+    headers, chunks = encode_tensors([("x", torch.randn(N_PARAMS))])
     state_now = [
         report_header(env, state_kind=pb.STATE_KIND_REPLICA, tensors=headers),
         *(pb.ReportChunk(chunk=c) for c in chunks),

@@ -99,6 +99,9 @@ def every_rpc(s: Secured) -> dict[str, Callable[[list[tuple[str, str]]], object]
             pb.LeaveRequest(**who, failed=True, reason="not you"), metadata=md, timeout=TIMEOUT
         ),
         "Coordinator.Report": lambda md: c.Report(iter(report), metadata=md, timeout=TIMEOUT),
+        "Coordinator.FetchModel": lambda md: list(
+            c.FetchModel(pb.FetchModelRequest(worker_id="w0", job_id=s.job_id, round=0), metadata=md, timeout=TIMEOUT)
+        ),
         "Jobs.Submit": lambda md: j.Submit(
             pb.SubmitRequest(spec_yaml=yaml.safe_dump(SPEC)), metadata=md, timeout=TIMEOUT
         ),
@@ -116,6 +119,7 @@ RPCS = [
     "Coordinator.Heartbeat",
     "Coordinator.Leave",
     "Coordinator.Report",
+    "Coordinator.FetchModel",
     "Jobs.Submit",
     "Jobs.Get",
     "Jobs.List",
