@@ -89,10 +89,16 @@ class Job:
         # the first rounds are not closed by whichever worker happened to start first.
         self._gang_ready = spec.optim.mode == "async"
         self._first_join: float | None = None
-        if train_size is not None:
-            self._learn_train_size(train_size, "the runtime")
         if resume is not None:
             self._restore(resume)
+        if train_size is not None:
+            if self.train_size is not None and train_size != self.train_size:
+                raise CoordinatorError(
+                    "FAILED_PRECONDITION",
+                    f"the checkpoint was taken with {self.train_size} training samples, the data set now has "
+                    f"{train_size}: resume with the same data",
+                )
+            self._learn_train_size(train_size, "the runtime")
         self.log = MetricsLog(self.directory / "metrics.jsonl", keep_below_round=self.round)
 
     # ----- helpers -------------------------------------------------------------------------------
