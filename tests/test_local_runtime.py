@@ -211,3 +211,14 @@ def test_nan_loss_stops_the_job_and_keeps_the_last_good_checkpoint(
     assert not (run / "reference.safetensors").exists()
     state = [e for e in read_events(run / "metrics.jsonl") if e["kind"] == "state"][-1]
     assert state["state"] == "failed"
+
+
+@pytest.mark.timeout(120)
+def test_train_warns_when_a_schedule_point_lies_beyond_the_budget(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """entropy-sgd drops lr after 40 data passes (2 of the authors' epochs); a 1-pass budget never gets there."""
+    config = _config(tmp_path, preset="entropy-sgd", replicas=1, optim={"L": 2}, max_rounds=2)
+    assert main(["train", str(config), "--run-dir", str(tmp_path / "run"), "-q"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: optim.lr_drop_epochs: 40 lies beyond the budget of 1 data passes" in err
