@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from worker.workloads.errors import WorkloadError
-from worker.workloads.prepare import Chunk, Splits, one_line
+from worker.workloads.errors import WorkloadError, one_line
+from worker.workloads.prepare import Chunk, Splits
 
 _IMAGE = (3, 32, 32)
 _SUBDIRS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}

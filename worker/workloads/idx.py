@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from worker.workloads.errors import WorkloadError
-from worker.workloads.prepare import Chunk, Splits, one_line
+from worker.workloads.errors import WorkloadError, one_line
+from worker.workloads.prepare import Chunk, Splits
 
 IDX_FILES = {
     "train_x": "train-images-idx3-ubyte",

@@ -33,7 +33,6 @@ so replicas start from different, reproducible points.
 
 from __future__ import annotations
 
-import importlib
 import math
 from collections.abc import Callable
 
@@ -42,6 +41,7 @@ from torch import nn
 
 from protos.spec import ModelSpec
 from worker.workloads.errors import WorkloadError
+from worker.workloads.user_code import resolve_callable
 
 BUILTIN_MODELS = ("mnistfc", "lenet", "allcnn", "wrn")
 
@@ -210,25 +210,8 @@ _BUILDERS: dict[str, Callable[..., nn.Module]] = {
 }
 
 
-def _resolve_callable(name: str) -> Callable[..., object]:
-    module_name, _, attr_path = name.partition(":")
-    if not module_name or not attr_path:
-        raise WorkloadError(f"model.name: {name!r}: expected package.module:callable")
-    try:
-        obj: object = importlib.import_module(module_name)
-    except Exception as err:
-        raise WorkloadError(f"model.name: {name!r}: cannot import {module_name} ({type(err).__name__}: {err})") from err
-    for part in attr_path.split("."):
-        if not hasattr(obj, part):
-            raise WorkloadError(f"model.name: {name!r}: {module_name} has no attribute {attr_path}")
-        obj = getattr(obj, part)
-    if not callable(obj):
-        raise WorkloadError(f"model.name: {name!r}: {attr_path} is not callable")
-    return obj
-
-
 def _build_user_model(spec: ModelSpec, input_shape: Shape, num_classes: int) -> nn.Module:
-    factory = _resolve_callable(spec.name)
+    factory = resolve_callable(spec.name, "model.name")
     clash = sorted({"num_classes", "input_shape"} & spec.options.keys())
     if clash:
         raise WorkloadError(f"model.options: {', '.join(clash)} is set by the dataset, not by options")

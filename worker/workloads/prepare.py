@@ -49,11 +49,6 @@ class Prepared:
     input_shape: tuple[int, int, int]
 
 
-def one_line(text: object) -> str:
-    """``text`` with its line breaks folded, for messages that embed another error."""
-    return " ".join(str(text).split())
-
-
 def prepare(splits: Splits, stats: Stats | None, num_classes: int | None, train_limit: int | None) -> Prepared:
     """Validate every chunk, concatenate, keep the first ``train_limit`` training samples, and return
     float32 N x C x H x W inputs normalised with ``stats`` (per-channel mean and std of inputs in

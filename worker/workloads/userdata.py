@@ -10,17 +10,17 @@ are (input, label) pairs, materialised by indexing every item once.
 
 from __future__ import annotations
 
-import importlib
 import zipfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from worker.workloads.errors import WorkloadError
-from worker.workloads.prepare import Chunk, Splits, one_line
+from worker.workloads.errors import WorkloadError, one_line
+from worker.workloads.prepare import Chunk, Splits
+from worker.workloads.user_code import resolve_callable
 
 _KEYS = ("train_x", "train_y", "test_x", "test_y")
 _NPZ_NEEDS = "npz needs train.npz and test.npz with arrays x and y"
@@ -55,25 +55,6 @@ def load_npz(root: Path) -> Splits:
 
 
 # ----------------------------------------------------------------------------------------- callable
-
-
-def _resolve(name: str) -> Callable[..., object]:
-    module_name, _, attr_path = name.partition(":")
-    if not module_name or not attr_path:
-        raise WorkloadError(f"data.name: {name!r}: expected package.module:callable")
-    try:
-        obj: object = importlib.import_module(module_name)
-    except Exception as err:
-        raise WorkloadError(
-            f"data.name: {name}: cannot import {module_name} ({type(err).__name__}: {one_line(err)})"
-        ) from None
-    for part in attr_path.split("."):
-        if not hasattr(obj, part):
-            raise WorkloadError(f"data.name: {name}: {module_name} has no attribute {attr_path}")
-        obj = getattr(obj, part)
-    if not callable(obj):
-        raise WorkloadError(f"data.name: {name}: {attr_path} is not callable")
-    return obj
 
 
 def _as_array(value: object, where: str) -> np.ndarray:
@@ -137,7 +118,7 @@ def _materialise(dataset: object, where: str) -> tuple[np.ndarray, np.ndarray]:
 
 def load_callable(name: str, options: dict[str, Any]) -> Splits:
     """Call ``name`` (``package.module:callable``) with ``options`` and validate what it returns."""
-    factory = _resolve(name)
+    factory = resolve_callable(name, "data.name")
     try:
         result = factory(**options)
     except Exception as err:
