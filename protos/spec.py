@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
@@ -116,17 +116,48 @@ class SpecError(ValueError):
     """A config that fails validation; ``str()`` is one line naming the key and what is allowed."""
 
 
+MAX_SPEC_BYTES = 64 * 1024  # a job file is a page of YAML; anything larger is refused unread
+MAX_SPEC_DEPTH = 16  # nested mappings and lists
+MAX_REPLICAS = 256  # below what one coordinator serves at once (its Exchange streams)
+
+
+def parse_yaml(text: str | bytes, where: str = "spec") -> Any:
+    """YAML of a job spec, parsed under limits: at most ``MAX_SPEC_BYTES``, nesting at most ``MAX_SPEC_DEPTH``,
+    and no anchors or aliases (an alias bomb of a few hundred bytes expands to megabytes). The checks walk
+    the parser's events, which is linear in the text, before anything is built."""
+    size = len(text.encode() if isinstance(text, str) else text)
+    if size > MAX_SPEC_BYTES:
+        raise SpecError(f"config error: {where} is larger than the limit of {MAX_SPEC_BYTES} bytes")
+    depth = 0
+    try:
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+                raise SpecError(
+                    f"config error: {where}: YAML anchors and aliases (&, *) are not allowed; write values out"
+                )
+            if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+                depth += 1
+                if depth > MAX_SPEC_DEPTH:
+                    raise SpecError(f"config error: {where}: nested deeper than {MAX_SPEC_DEPTH} levels")
+            elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+                depth -= 1
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise SpecError(f"config error: {where} is not valid YAML ({err})") from None
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    # Every float must be finite: ``.inf`` or ``.nan`` in a spec would outlive validation and break later.
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, allow_inf_nan=False)
 
 
 class ModelSpec(_Strict):
     """The network. ``name`` is a built-in (mnistfc, lenet, allcnn, wrn) or ``package.module:callable``;
     a callable receives ``num_classes`` and ``input_shape`` keyword arguments plus ``options``."""
 
-    name: str = "lenet"
-    depth: int = Field(16, ge=4, description="wrn depth (6k + 4)")
-    width: int = Field(4, ge=1, description="wrn widening factor")
+    name: str = Field("lenet", max_length=200)
+    depth: int = Field(16, ge=4, le=1000, description="wrn depth (6k + 4)")
+    width: int = Field(4, ge=1, le=64, description="wrn widening factor")
     options: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -141,19 +172,21 @@ class DataSpec(_Strict):
     with arrays x and y), synthetic; or ``package.module:callable``, called with ``options`` as keyword
     arguments, returning (train_x, train_y, test_x, test_y) or (train_dataset, test_dataset)."""
 
-    name: str = Field("fashion-mnist", description="a built-in data set or package.module:callable")
+    name: str = Field("fashion-mnist", max_length=200, description="a built-in data set or package.module:callable")
     root: Path | None = Field(None, description="dataset directory (mnist, idx, cifar10, cifar100, npz need one)")
     options: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of a callable data set")
-    train_limit: int | None = Field(None, ge=1, description="keep only the first N training samples (null: all)")
-    num_classes: int | None = Field(
-        None, ge=1, description="null: 10 (cifar100: 100; idx, npz and callables: largest label + 1)"
+    train_limit: int | None = Field(
+        None, ge=1, le=10**10, description="keep only the first N training samples (null: all)"
     )
-    batch_size: int = Field(128, ge=1)
+    num_classes: int | None = Field(
+        None, ge=1, le=1_000_000, description="null: 10 (cifar100: 100; idx, npz and callables: largest label + 1)"
+    )
+    batch_size: int = Field(128, ge=1, le=65_536)
     frac: float = Field(1.0, gt=0.0, le=1.0, description="fraction of the training set per replica")
     augment: bool = Field(False, description="random crops and flips")
-    synthetic_size: int = Field(2048, ge=16, description="training samples of the synthetic set")
-    test_batch_size: int = Field(1000, ge=1)
-    bn_batches: int = Field(50, ge=1, description="training batches used to re-estimate BatchNorm")
+    synthetic_size: int = Field(2048, ge=16, le=1_000_000, description="training samples of the synthetic set")
+    test_batch_size: int = Field(1000, ge=1, le=65_536)
+    bn_batches: int = Field(50, ge=1, le=10_000, description="training batches used to re-estimate BatchNorm")
 
     @field_validator("name")
     @classmethod
@@ -188,8 +221,10 @@ class OptimSpec(_Strict):
     weight_decay: float | None = Field(
         None, ge=0.0, le=1.0, description="null: the model's default (allcnn 1e-3, wrn 5e-4, others 0)"
     )
-    lr_drop_epochs: list[float] = Field(
-        default_factory=list, description="data passes per replica at which lr is multiplied by lr_drop_factor"
+    lr_drop_epochs: list[Annotated[float, Field(ge=0.0, le=1e6)]] = Field(
+        default_factory=list,
+        max_length=100,
+        description="data passes per replica at which lr is multiplied by lr_drop_factor",
     )
     lr_drop_factor: float = Field(0.1, gt=0.0, le=1.0)
     L: int = Field(25, ge=0, le=100_000, description="Langevin steps (mini-batches) per round; 0: gradient path")
@@ -235,23 +270,27 @@ class OptimSpec(_Strict):
 
 
 class EvalSpec(_Strict):
-    every_epochs: float = Field(1.0, gt=0.0, description="evaluate the reference every this many epochs")
-    train_subset: int = Field(10000, ge=0, description="training samples for the train-split error")
+    every_epochs: float = Field(
+        1.0, gt=0.0, le=1e12, description="evaluate the reference every this many epochs (1e12: never)"
+    )
+    train_subset: int = Field(10000, ge=0, le=10**8, description="training samples for the train-split error")
 
 
 class CheckpointSpec(_Strict):
-    every_rounds: int | None = Field(None, ge=1, description="null: once per epoch")
-    keep: int = Field(3, ge=1)
+    every_rounds: int | None = Field(None, ge=1, le=10**12, description="null: once per epoch")
+    keep: int = Field(3, ge=1, le=1000)
 
 
 class RaySpec(_Strict):
     """Placement of a job on a Ray cluster (``parle train --runtime ray``)."""
 
-    address: str = Field("auto", description="ray.init address; auto: the cluster this driver runs on")
-    num_cpus: float = Field(1.0, ge=0.0, description="CPUs per replica (fractions allowed)")
-    num_gpus: float = Field(0.0, ge=0.0, description="GPUs per replica; fractions let replicas share a GPU")
+    address: str = Field("auto", max_length=500, description="ray.init address; auto: the cluster this driver runs on")
+    num_cpus: float = Field(1.0, ge=0.0, le=1024.0, description="CPUs per replica (fractions allowed)")
+    num_gpus: float = Field(0.0, ge=0.0, le=64.0, description="GPUs per replica; fractions let replicas share a GPU")
     placement: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
-    schedule_timeout_s: float = Field(60.0, gt=0.0, description="fail if the replicas cannot be placed in time")
+    schedule_timeout_s: float = Field(
+        60.0, gt=0.0, le=86_400.0, description="fail if the replicas cannot be placed in time"
+    )
     metrics_port: int = Field(
         0, ge=0, le=65000, description="coordinator actor's /metrics port; replica r's worker: port + 1 + r (0: off)"
     )
@@ -261,9 +300,12 @@ class RuntimeSpec(_Strict):
     """How the job's parts talk (service runtimes; the local runtime ignores it)."""
 
     compression: Literal["none", "fp16", "bf16"] = Field("none", description="exchanged tensors on the wire")
-    lease_s: float = Field(30.0, gt=0.0, description="a worker silent this long leaves its round")
+    lease_s: float = Field(30.0, gt=0.0, le=86_400.0, description="a worker silent this long leaves its round")
     start_timeout_s: float = Field(
-        300.0, gt=0.0, description="sync: wait this long for all replicas to join before starting with fewer"
+        300.0,
+        gt=0.0,
+        le=86_400.0,
+        description="sync: wait this long for all replicas to join before starting with fewer",
     )
     ray: RaySpec = Field(default_factory=RaySpec)
 
@@ -271,11 +313,12 @@ class RuntimeSpec(_Strict):
 class JobSpec(_Strict):
     name: str = Field("parle", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", description="letters, digits, . _ -")
     preset: Literal["sgd", "entropy-sgd", "elastic-sgd", "parle", "easgd"] = "parle"
-    replicas: int = Field(3, ge=1, le=4096)
+    # One coordinator holds a sync round's exchanges at once: see coordinator.server.STREAM_LIMITS.
+    replicas: int = Field(3, ge=1, le=MAX_REPLICAS)
     epochs: float = Field(5.0, gt=0.0, le=1e6, description="budget in data passes per replica")
     max_rounds: int | None = Field(None, ge=1, le=10**12, description="stop after this many rounds (tests, demos)")
-    seed: int = 0
-    device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?)$")
+    seed: int = Field(0, ge=0, le=2**63 - 1)
+    device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d{1,3})?)$")
     model: ModelSpec = Field(default_factory=ModelSpec)
     data: DataSpec = Field(default_factory=DataSpec)
     optim: OptimSpec = Field(default_factory=OptimSpec)
@@ -319,7 +362,7 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     key, raw = item.split("=", 1)
     if not key.strip():
         raise SpecError(f"config error: --set {item!r}: empty key")
-    return key.strip().split("."), yaml.safe_load(raw)
+    return key.strip().split("."), parse_yaml(raw, f"--set {key.strip()}")
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -370,13 +413,11 @@ def _default_weight_decay(merged: dict[str, Any]) -> None:
 def load_spec(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
     path = Path(path)
     try:
-        text = path.read_text()
+        with path.open("rb") as f:
+            text = f.read(MAX_SPEC_BYTES + 1)  # a larger file is refused without reading it all
     except FileNotFoundError:
         raise SpecError(f"config error: {path}: no such file") from None
-    try:
-        raw = yaml.safe_load(text) or {}
-    except yaml.YAMLError as err:
-        raise SpecError(f"config error: {path}: not valid YAML ({err})") from None
+    raw = parse_yaml(text, str(path)) or {}
     return resolve(apply_overrides(raw, overrides or []))
 
 
