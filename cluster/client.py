@@ -82,9 +82,19 @@ class JobsClient:
     def get(self, job_id: str) -> pb.JobInfo:
         return call(lambda: self.stub.Get(pb.GetRequest(job_id=job_id), metadata=self.metadata, timeout=self.timeout_s))
 
-    def jobs(self) -> list[pb.JobInfo]:
-        reply = call(lambda: self.stub.List(pb.ListRequest(), metadata=self.metadata, timeout=self.timeout_s))
-        return list(reply.jobs)
+    def jobs(self, page_size: int = 0) -> list[pb.JobInfo]:
+        """Every job, newest first, following the server's pages."""
+        out: list[pb.JobInfo] = []
+        token = ""
+        while True:
+            reply = self._list_page(pb.ListRequest(page_size=page_size, page_token=token))
+            out.extend(reply.jobs)
+            token = reply.next_page_token
+            if not token:
+                return out
+
+    def _list_page(self, request: pb.ListRequest) -> pb.ListReply:
+        return call(lambda: self.stub.List(request, metadata=self.metadata, timeout=self.timeout_s))
 
     def cancel(self, job_id: str) -> pb.JobInfo:
         request = pb.CancelRequest(job_id=job_id)

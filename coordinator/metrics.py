@@ -6,6 +6,7 @@ end in ``_total``, low-cardinality labels: job ids are labels, worker ids never 
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
@@ -36,8 +37,36 @@ JOB_STATE = Gauge("parle_job_state", "1 for the job's current state, 0 for the o
 CHECKPOINTS = Counter("parle_checkpoints_total", "Checkpoints written", ["job_id"])
 CHECKPOINT_SECONDS = Histogram("parle_checkpoint_duration_seconds", "Time to write a checkpoint", ["job_id"])
 EPOCH = Gauge("parle_epoch", "Data passes per replica at the last closed round", ["job_id"])
+OPEN_STREAMS = Gauge("parle_open_streams", "Streaming calls being served, by method", ["method"])
+INFLIGHT_BYTES = Gauge("parle_upload_bytes_in_flight", "Upload bytes reserved by Exchange and Report streams")
 
 STATES = ("pending", "running", "succeeded", "failed", "cancelled")
+PER_JOB = (
+    ROUNDS,
+    ROUND_SECONDS,
+    LIVE_WORKERS,
+    MEMBERSHIP,
+    GAMMA,
+    RHO,
+    LEARNING_RATE,
+    TRAIN_LOSS,
+    EVAL_LOSS,
+    EVAL_ERROR,
+    CONSENSUS,
+    JOB_STATE,
+    CHECKPOINTS,
+    CHECKPOINT_SECONDS,
+    EPOCH,
+)
+
+
+def remove_job(job_id: str) -> None:
+    """Drop every series of a job (its label is always the first)."""
+    for metric in PER_JOB:
+        children: dict[tuple[str, ...], Any] = getattr(metric, "_metrics", {})
+        for labels in [labels for labels in list(children) if labels and labels[0] == job_id]:
+            with contextlib.suppress(KeyError):
+                metric.remove(*labels)
 
 
 class JobMetrics:

@@ -40,6 +40,11 @@ class JobRecord:
     directory: str  # the job's run directory: config, metrics, checkpoints, results
 
 
+def registry_token(record: JobRecord) -> str:
+    """Where a page of ``Registry.page`` ends: the next page starts after this job."""
+    return f"{record.created!r}|{record.id}"
+
+
 class Registry:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -48,6 +53,7 @@ class Registry:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute(SCHEMA)
+        self._db.execute("CREATE INDEX IF NOT EXISTS jobs_by_created ON jobs (created DESC, id DESC)")
 
     def add(self, job_id: str, name: str, spec_json: str, state: str, directory: Path) -> None:
         now = time.time()
@@ -57,6 +63,10 @@ class Registry:
                 " VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (job_id, name, spec_json, state, now, now, str(directory)),
             )
+
+    def remove(self, job_id: str) -> None:
+        with self._lock:
+            self._db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
 
     def update(
         self, job_id: str, *, state: str | None = None, message: str | None = None, round: int | None = None
@@ -77,7 +87,27 @@ class Registry:
 
     def all(self) -> list[JobRecord]:
         with self._lock:
-            rows = self._db.execute("SELECT * FROM jobs ORDER BY created DESC").fetchall()
+            rows = self._db.execute("SELECT * FROM jobs ORDER BY created DESC, id DESC").fetchall()
+        return [JobRecord(*row) for row in rows]
+
+    def page(self, states: list[str], after: str | None, limit: int) -> list[JobRecord]:
+        """At most ``limit`` jobs, newest first, in ``states`` (all if empty), after the job that
+        ``after`` (a ``registry_token``) names; ValueError for a token that is not one."""
+        where: list[str] = []
+        values: list[object] = []
+        if states:
+            where.append(f"state IN ({', '.join('?' for _ in states)})")
+            values.extend(states)
+        if after is not None:
+            created, sep, job_id = after.partition("|")
+            if not sep:
+                raise ValueError(f"bad page token {after!r}")
+            where.append("(created < ? OR (created = ? AND id < ?))")
+            values.extend([float(created), float(created), job_id])
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        query = f"SELECT * FROM jobs {clause} ORDER BY created DESC, id DESC LIMIT ?"
+        with self._lock:
+            rows = self._db.execute(query, (*values, limit)).fetchall()
         return [JobRecord(*row) for row in rows]
 
     def close(self) -> None:
