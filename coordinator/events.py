@@ -42,6 +42,8 @@ class MetricsLog:
         self._file = self.path.open("a")
 
     def write(self, event: dict[str, Any]) -> None:
+        if self._file.closed:  # the job was closed (coordinator stopping, job released): nothing more to log
+            return
         self._file.write(json.dumps(event) + "\n")
         self._file.flush()
 

@@ -66,6 +66,7 @@ class Job:
         self.state = JobState.PENDING
         self.message = ""
         self._cond = threading.Condition()
+        self._closing = False  # close(): the coordinator is stopping or has let go of the job
         self._members: dict[str, Member] = {}
         self._next_worker = 0
         self._sum = SyncMean()
@@ -76,6 +77,7 @@ class Job:
         self._models: dict[int, Tensor] = {}  # closed round -> model, for evaluators still fetching
         self._awaiting_eval: int | None = None
         self._evaluator: str | None = None
+        self._eval_duties: dict[int, str] = {}  # round -> the worker told to evaluate it (its report is awaited)
         self.last_train_loss: float | None = None
         self.last_test_error: float | None = None
         self._saved_states: dict[int, dict[str, Tensor]] = {}
@@ -125,6 +127,8 @@ class Job:
         return member
 
     def _require_running(self) -> None:
+        if self._closing:
+            raise CoordinatorError("UNAVAILABLE", f"job {self.job_id} is closed: the coordinator is stopping")
         if self.state.terminal:
             raise CoordinatorError(
                 "FAILED_PRECONDITION", f"job {self.job_id} is {self.state.value}: {self.message}".rstrip(": ")
@@ -430,6 +434,9 @@ class Job:
             self._write_checkpoint(k + 1, {})
         if evaluator is not None:
             self._awaiting_eval, self._evaluator = k, evaluator
+            self._eval_duties[k] = evaluator
+            if len(self._eval_duties) > 64:  # duties of workers that died before reporting
+                del self._eval_duties[min(self._eval_duties)]
         self.last_train_loss = sum(losses) / len(losses)
         self.round = k + 1
         self._sum = SyncMean()
@@ -467,6 +474,16 @@ class Job:
     def report_eval(self, worker_id: str, report: EvalReport) -> None:
         with self._cond:
             self._member(worker_id)
+            # Only the worker told to evaluate a round reports it, once; the model only with the last one.
+            if self._eval_duties.get(report.round) != worker_id:
+                raise CoordinatorError(
+                    "FAILED_PRECONDITION", f"no evaluation of round {report.round} is awaited from {worker_id}"
+                )
+            if report.model_state is not None and not (self.schedule and self.schedule.is_last(report.round)):
+                raise CoordinatorError(
+                    "FAILED_PRECONDITION", f"the model is exported after the last round, not round {report.round}"
+                )
+            del self._eval_duties[report.round]
             if "test" in report.results:
                 self.last_test_error = report.results["test"][1]
             for split, (loss, error) in report.results.items():
@@ -552,8 +569,8 @@ class Job:
     def _write_checkpoint(self, round: int, states: dict[int, dict[str, Tensor]], center: Tensor | None = None) -> Path:
         """Checkpoint at ``round`` (the next round to run): the model, the center, the replicas' states."""
         center = self.center if center is None else center
-        model = self.model if self.model is not None else center
-        assert center is not None and model is not None
+        assert center is not None
+        model = self.model if self.model is not None else center.clone()  # safetensors refuses shared memory
         started = time.monotonic()
         path = self.store.save(
             round,
@@ -576,6 +593,14 @@ class Job:
             if self.center is None:
                 return None
             return self._write_checkpoint(self.round, {})
+
+    def close(self) -> None:
+        """Let go of the job (the coordinator stops, or released it after it finished): calls waiting on a
+        round or a model wake up and answer UNAVAILABLE, later calls too; the metrics log is closed."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+            self.log.close()
 
     def drop_replica(self, replica: int, why: str = "lost") -> None:
         """Drop the member serving ``replica`` (its runtime saw it die)."""
