@@ -1,6 +1,7 @@
 """The service commands of the ``parle`` CLI: a standing coordinator, pool workers, and the jobs client.
 
     parle coordinator --listen 127.0.0.1:50051 --state-dir DIR [--token-file F] [--tls-cert F --tls-key F]
+                      [--worker-token-file F --client-token-file F] [--insecure]
     parle worker --coordinator HOST:PORT [--job ID] [--device cpu|cuda|cuda:N] [--token-file F]
     parle submit CONFIG | jobs | status ID [--watch] | cancel ID | download ID -o FILE   (--coordinator ADDR)
 
@@ -63,21 +64,54 @@ def bound_heap() -> None:
 
 
 def cmd_coordinator(args: argparse.Namespace) -> int:
-    from coordinator.auth import read_token
+    from coordinator.auth import is_loopback, read_token
     from coordinator.server import CoordinatorServer
+    from coordinator.service import StateDirLocked
 
     bound_heap()
     token = read_token(args.token_file) or os.environ.get("PARLE_TOKEN") or None
-    server = CoordinatorServer(args.state_dir, args.listen, token, args.tls_cert, args.tls_key)
-    if args.metrics_port:
-        from prometheus_client import start_http_server
-
-        start_http_server(args.metrics_port, addr=args.listen.rsplit(":", 1)[0])
-    print(f"parle coordinator listening on {server.address}", flush=True)
+    worker_token = read_token(args.worker_token_file, "--worker-token-file")
+    client_token = read_token(args.client_token_file, "--client-token-file")
+    if bool(worker_token) != bool(client_token) and not token:
+        print("parle coordinator: --worker-token-file and --client-token-file go together", file=sys.stderr)
+        print("(or give --token-file: one token for both)", file=sys.stderr)
+        return 2
+    secured = bool(token or worker_token)
+    if not is_loopback(args.listen) and not (secured or args.tls_cert) and not args.insecure:
+        print(
+            f"parle coordinator: --listen {args.listen} is reachable from other machines but no token "
+            "(--token-file or PARLE_TOKEN) or TLS is set; give one, or --insecure to allow any caller",
+            file=sys.stderr,
+        )
+        return 2
     stop = threading.Event()
-    _on_signals(stop)
-    stop.wait()
-    server.close()
+    _on_signals(stop)  # from here, SIGTERM stops the coordinator cleanly (checkpoints first)
+    try:
+        server = CoordinatorServer(
+            args.state_dir,
+            args.listen,
+            token,
+            args.tls_cert,
+            args.tls_key,
+            worker_token=worker_token,
+            client_token=client_token,
+            inflight_bytes=args.max_inflight_bytes,
+            upload_idle_s=args.upload_idle_s,
+            max_pending_jobs=args.max_pending_jobs,
+        )
+    except StateDirLocked as err:
+        print(f"parle coordinator: {err}", file=sys.stderr)
+        return 1
+    try:
+        if args.metrics_port:
+            from prometheus_client import start_http_server
+
+            start_http_server(args.metrics_port, addr=args.listen.rsplit(":", 1)[0])
+        print(f"parle coordinator listening on {server.address}", flush=True)
+        stop.wait()
+        log.info("stopping: no new work; checkpointing running jobs")
+    finally:
+        server.close()
     return 0
 
 
@@ -140,11 +174,12 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(jobs, indent=1))
         return 0
-    print(f"{'ID':<28}{'STATE':<11}{'ROUND':>11}{'EPOCH':>8}{'WORKERS':>9}{'TEST ERR':>10}")
+    width = max([len(j["id"]) + 2 for j in jobs] + [28])  # ids are the name and 32 hex digits
+    print(f"{'ID':<{width}}{'STATE':<11}{'ROUND':>11}{'EPOCH':>8}{'WORKERS':>9}{'TEST ERR':>10}")
     for j in jobs:
         err = f"{100 * j['test_error']:.2f}%" if "test_error" in j else "-"
         print(
-            f"{j['id']:<28}{j['state']:<11}{j['round']:>5}/{j['total_rounds']:<5}{j['epoch']:>8.2f}"
+            f"{j['id']:<{width}}{j['state']:<11}{j['round']:>5}/{j['total_rounds']:<5}{j['epoch']:>8.2f}"
             f"{j['live_workers']:>5}/{j['replicas']:<3}{err:>10}"
         )
     return 0
@@ -197,8 +232,18 @@ def add_service_commands(sub: argparse._SubParsersAction) -> None:
     co.add_argument("--listen", default="127.0.0.1:50051", help="HOST:PORT to bind (default loopback)")
     co.add_argument("--state-dir", type=Path, required=True, help="job registry, checkpoints and results")
     co.add_argument("--token-file", type=Path, help="require this token from every caller (or set PARLE_TOKEN)")
+    co.add_argument("--worker-token-file", type=Path, help="the workers' token (Coordinator service)")
+    co.add_argument("--client-token-file", type=Path, help="the submitters' token (Jobs service)")
     co.add_argument("--tls-cert", type=Path)
     co.add_argument("--tls-key", type=Path)
+    co.add_argument(
+        "--insecure", action="store_true", help="allow a non-loopback --listen without a token or TLS (any caller)"
+    )
+    co.add_argument(
+        "--max-inflight-bytes", type=int, default=2 << 30, help="upload bytes held at once, all streams (2 GiB)"
+    )
+    co.add_argument("--upload-idle-s", type=float, default=60.0, help="cancel an upload silent this long")
+    co.add_argument("--max-pending-jobs", type=int, default=64, help="jobs waiting for workers; more are refused")
     co.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus /metrics on this port (0: off)")
     co.set_defaults(func=cmd_coordinator)
 
