@@ -1,1 +1,1 @@
-"""Deployment: Dockerfile, Prometheus and Grafana config, and the compose topology as local processes."""
+"""Deployment: Dockerfile, Prometheus and Grafana config, KubeRay and Ray cluster manifests."""
