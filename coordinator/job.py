@@ -612,7 +612,7 @@ class Job:
     def _maybe_finish(self) -> None:
         if self.rounds_done and not self.state.terminal and self._awaiting_eval is None and self._pending is None:
             if self.center is not None:
-                model = self.model if self.model is not None else self.center
+                model = self.model if self.model is not None else self.center.clone()
                 save_tensors(self.directory / "reference.safetensors", {"reference": model, "center": self.center})
             self._set_state(JobState.SUCCEEDED)
 
