@@ -1,7 +1,10 @@
 """One Langevin inner step vs one ``torch.optim.SGD`` step (forward + backward + update), batch 128.
 
 Both run on the same model and batch in the same process, interleaved in blocks so drift in machine
-load hits both alike; the figure is the ratio of medians. Target (issue 2): at most 1.10x.
+load hits both alike; the figure is the ratio of medians. Targets: at most 1.10x without noise (issue 2),
+at most 1.15x with Langevin noise (issue 11). The noise is drawn twice over: by a plain ``torch.Generator``
+(``torch.randn``, single-threaded on CPU: the "before" figure) and by ``worker.noise.NoiseStream`` (parallel
+chunks, drawn one step ahead: what the worker uses).
 
     python -m bench.inner_step [--models lenet mnistfc] [--device cpu] [--blocks 15] [--steps 10]
 """
@@ -20,6 +23,7 @@ from torch import nn
 from protos.spec import ModelSpec
 from worker.flat import FlatParameters
 from worker.kernels import ChainHyper, langevin_step_
+from worker.noise import NoiseStream
 from worker.workloads import build_model, count_parameters
 
 INPUT = {"lenet": (1, 28, 28), "mnistfc": (1, 28, 28), "allcnn": (3, 32, 32)}
@@ -41,11 +45,14 @@ def sgd_stepper(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[
     return step
 
 
-def langevin_stepper(model: nn.Module, x: torch.Tensor, y: torch.Tensor, noise: float) -> Callable[[], None]:
+def langevin_stepper(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, noise: float, stream: bool = True
+) -> Callable[[], None]:
     flat = FlatParameters(model.parameters())
     anchor, mu, buf = flat.data.clone(), flat.data.clone(), torch.zeros_like(flat.data)
     hp = ChainHyper(gamma=0.03, inner_lr=0.01, inner_momentum=0.9, noise=noise, beta1=0.75, weight_decay=5e-4)
-    gen = torch.Generator(device=flat.data.device).manual_seed(0)
+    device = flat.data.device
+    gen = (NoiseStream(device) if stream else torch.Generator(device=device)).manual_seed(0)
 
     def step() -> None:
         flat.zero_grad()
@@ -75,6 +82,7 @@ def measure(name: str, device: torch.device, blocks: int, steps: int, batch: int
     contenders = {
         "sgd": sgd_stepper(sgd_model, x, y),
         "langevin": langevin_stepper(chain_model, x, y, noise=0.0),
+        "langevin+noise (torch.Generator)": langevin_stepper(chain_model, x, y, noise=1e-4, stream=False),
         "langevin+noise": langevin_stepper(chain_model, x, y, noise=1e-4),
     }
     for step in contenders.values():  # warm-up: allocator, kernels, autograd graph caches
@@ -88,8 +96,10 @@ def measure(name: str, device: torch.device, blocks: int, steps: int, batch: int
         "params": float(count_parameters(sgd_model)),
         "sgd_ms": 1e3 * median["sgd"],
         "langevin_ms": 1e3 * median["langevin"],
+        "plain_noise_ms": 1e3 * median["langevin+noise (torch.Generator)"],
         "noise_ms": 1e3 * median["langevin+noise"],
         "ratio": median["langevin"] / median["sgd"],
+        "ratio_plain_noise": median["langevin+noise (torch.Generator)"] / median["sgd"],
         "ratio_noise": median["langevin+noise"] / median["sgd"],
     }
 
@@ -104,13 +114,17 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, batch {args.batch}")
-    print(f"{'model':<9}{'params':>11}{'SGD ms':>9}{'inner ms':>10}{'ratio':>7}{'+noise ms':>11}{'ratio':>7}")
+    print(
+        f"{'model':<9}{'params':>11}{'SGD ms':>9}{'inner ms':>10}{'ratio':>7}"
+        f"{'+randn ms':>11}{'ratio':>7}{'+stream ms':>12}{'ratio':>7}"
+    )
     for name in args.models:
         r = measure(name, device, args.blocks, args.steps, args.batch)
         print(
             f"{name:<9}{int(r['params']):>11,}{r['sgd_ms']:>9.2f}{r['langevin_ms']:>10.2f}{r['ratio']:>6.2f}x"
-            f"{r['noise_ms']:>11.2f}{r['ratio_noise']:>6.2f}x"
+            f"{r['plain_noise_ms']:>11.2f}{r['ratio_plain_noise']:>6.2f}x{r['noise_ms']:>12.2f}{r['ratio_noise']:>6.2f}x"
         )
+    print("+randn: Langevin noise from a torch.Generator; +stream: from worker.noise.NoiseStream (the worker's)")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from worker.noise import normal_like
+
 
 @dataclass(frozen=True)
 class ChainHyper:
@@ -66,7 +68,8 @@ def langevin_step_(
     hp: ChainHyper,
     generator: torch.Generator | None = None,
 ) -> None:
-    """One inner step. ``grad`` holds grad f_B(y) on entry and is used as scratch.
+    """One inner step. ``grad`` holds grad f_B(y) on entry and is used as scratch. ``generator``: the
+    noise's source (a ``worker.noise.NoiseStream`` for the fast CPU path; None: torch's global RNG).
 
     scope "all" (Parle):           g = nesterov(grad + wd * y + gamma * (y - x))
     scope "gradient" (Lua):        g = nesterov(grad) + wd * y + gamma * (y - x)
@@ -85,7 +88,7 @@ def langevin_step_(
         g = momentum_(g, inner_buf, hp.inner_momentum, nesterov=True)
     y.sub_(g, alpha=hp.inner_lr)
     if hp.noise > 0.0:
-        eps = torch.randn(y.shape, dtype=y.dtype, device=y.device, generator=generator)
+        eps = normal_like(y, generator)  # a NoiseStream draws in parallel chunks, ahead of time (CPU)
         y.add_(eps, alpha=hp.noise * math.sqrt(2.0 * hp.inner_lr))
     mu.lerp_(y, 1.0 - hp.beta1)
 
