@@ -39,7 +39,7 @@ def _configure_logging(verbose: bool) -> None:
 
 
 def _train_spec(args: argparse.Namespace) -> tuple[JobSpec, Path, bool, int]:
-    from cluster.local import load_run_spec, new_run_dir, preflight
+    from cluster.local import check_device, load_run_spec, new_run_dir, preflight
     from worker.workloads import WorkloadError
 
     if args.resume is not None:
@@ -53,6 +53,8 @@ def _train_spec(args: argparse.Namespace) -> tuple[JobSpec, Path, bool, int]:
         run_dir, resume = args.run_dir or new_run_dir(spec), False
         if run_dir.exists() and any(run_dir.iterdir()):
             raise BadInput(f"--run-dir: {run_dir} exists and is not empty (use --resume to continue it)")
+    if args.runtime != "ray":  # on Ray the GPUs are the cluster's, not this machine's
+        check_device(spec.device)  # device: cuda without a visible GPU: SpecError, exit 2, nothing written
     try:
         train_size = preflight(spec)
     except WorkloadError as err:

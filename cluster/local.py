@@ -1,9 +1,21 @@
 """The local runtime (the embedded default): the coordinator's job and n replicas in this process,
 joined by the in-process transport, each replica in its own thread running the ordinary worker loop.
 
-Replicas take their compute turns in replica order (``OrderedTurns``): on one machine they would
-compete for the same cores anyway, and a fixed order makes runs reproducible (the same seeds give
-the same weights, and a resumed run continues the uninterrupted trajectory exactly).
+Placement (``replica_device``): ``device: cpu`` puts every replica on the CPU, ``cuda:N`` every replica on
+GPU N, ``cuda`` replica a on GPU a mod G over the G visible GPUs (the process runtime places its worker
+processes by the same rule).
+
+Replicas that share a device take their compute turns in replica order (one ``OrderedTurns`` per
+device): they would compete for the same cores or GPU anyway, and a fixed order makes runs reproducible
+(the same seeds give the same weights, and a resumed run continues the uninterrupted trajectory exactly).
+Replicas on different GPUs compute at the same time. What the turns protect stays correct when groups
+run concurrently: each replica draws from its own streams (sampler, Langevin noise), and the global
+stream its model draws from (dropout) is torch's CPU generator for a CPU replica, which only the one CPU
+group swaps, and its own GPU's default generator for a CUDA replica, which only that GPU's group swaps
+(``worker.loop.ReplicaRng``). A sync round's mean does not depend on which group reports first (the
+coordinator sums float32 reports in float64, exact unless they differ by more than 2^29 in magnitude);
+async (EASGD) rounds do, so there the exchanges themselves also go in replica order across all groups
+(``exchange_turns``), while the chains still overlap.
 """
 
 from __future__ import annotations
@@ -12,18 +24,19 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
+import torch
 import yaml
 
 from coordinator.checkpoint import CheckpointStore, write_atomic_text
 from coordinator.job import Job, JobState, Listener
 from protos.messages import CoordinatorError
 from protos.spec import JobSpec, SpecError, resolve
-from worker.loop import WorkerLoop
+from worker.loop import WorkerLoop, no_turns
 from worker.transports.inprocess import InProcessTransport
 from worker.workloads import build_model, load_dataset
 
@@ -31,12 +44,41 @@ log = logging.getLogger(__name__)
 CONFIG_FILE = "config.yaml"
 
 
-class OrderedTurns:
-    """Hands out compute turns in replica order; finished replicas drop out of the rotation."""
+def replica_device(spec_device: str, replica: int, device_count: int) -> str:
+    """Where replica ``replica`` computes for the spec's ``device`` (``cpu | cuda | cuda:N``) with
+    ``device_count`` visible GPUs: ``cpu`` and ``cuda:N`` as they are, ``cuda`` -> ``cuda:(replica mod G)``.
+    Raises SpecError (one line naming ``device``) when the GPU asked for is not visible."""
+    if spec_device == "cpu":
+        return "cpu"
+    if device_count < 1:
+        raise SpecError(
+            f"device: {spec_device}, but no CUDA GPU is visible (torch.cuda.is_available() is false); use device: cpu"
+        )
+    if spec_device == "cuda":
+        return f"cuda:{replica % device_count}"
+    index = int(spec_device.removeprefix("cuda:"))
+    if index >= device_count:
+        raise SpecError(f"device: {spec_device}, but only {device_count} CUDA GPU(s) are visible (cuda:0..)")
+    return spec_device
 
-    def __init__(self, replicas: int) -> None:
+
+def visible_gpus() -> int:
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def check_device(spec_device: str) -> None:
+    """Raises SpecError when the spec asks for a GPU this machine does not have."""
+    if spec_device != "cpu":
+        replica_device(spec_device, 0, visible_gpus())
+
+
+class OrderedTurns:
+    """Hands out compute turns to ``members`` (a count: replicas 0..n-1, or the replicas' indices) in
+    replica order; finished replicas drop out of the rotation."""
+
+    def __init__(self, members: int | Iterable[int]) -> None:
         self._cond = threading.Condition()
-        self._active = list(range(replicas))
+        self._active = sorted(range(members) if isinstance(members, int) else members)
         self._next = 0
         self._closed = False
 
@@ -69,6 +111,37 @@ class OrderedTurns:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
+
+
+@dataclass
+class Placement:
+    """Each replica's device and the turns it takes: one ``OrderedTurns`` per device, shared by the
+    replicas on it; ``exchange_turns`` orders async exchanges across devices (None: one device)."""
+
+    devices: list[str]
+    turns: dict[str, OrderedTurns]
+    exchange_turns: OrderedTurns | None = None
+
+    def turns_of(self, replica: int) -> OrderedTurns:
+        return self.turns[self.devices[replica]]
+
+    def retire(self, replica: int) -> None:
+        self.turns_of(replica).retire(replica)
+        if self.exchange_turns is not None:
+            self.exchange_turns.retire(replica)
+
+    def close(self) -> None:
+        for turns in [*self.turns.values(), *([self.exchange_turns] if self.exchange_turns else [])]:
+            turns.close()
+
+
+def place_replicas(spec_device: str, replicas: int, device_count: int, ordered_exchanges: bool = False) -> Placement:
+    """Devices by ``replica_device`` and one turn group per device; ``ordered_exchanges`` (async jobs): with
+    more than one group, the exchanges also go in replica order across groups."""
+    devices = [replica_device(spec_device, r, device_count) for r in range(replicas)]
+    groups = {d: [r for r, where in enumerate(devices) if where == d] for d in dict.fromkeys(devices)}
+    exchange = OrderedTurns(replicas) if ordered_exchanges and len(groups) > 1 else None
+    return Placement(devices, {d: OrderedTurns(members) for d, members in groups.items()}, exchange)
 
 
 @dataclass
@@ -111,7 +184,12 @@ def run_local(
     resume: bool = False,
     listeners: list[Listener] | None = None,
     train_size: int | None = None,
+    device_count: int | None = None,
 ) -> LocalResult:
+    """Run ``spec`` in this process. ``device_count``: GPUs to place replicas on (default: the visible ones)."""
+    if device_count is None:
+        device_count = visible_gpus() if spec.device != "cpu" else 0
+    placement = place_replicas(spec.device, spec.replicas, device_count, ordered_exchanges=spec.optim.mode == "async")
     run_dir.mkdir(parents=True, exist_ok=True)
     checkpoint = CheckpointStore(run_dir / "checkpoints").latest() if resume else None
     if resume and checkpoint is None:
@@ -119,11 +197,17 @@ def run_local(
     if not resume:
         write_atomic_text(run_dir / CONFIG_FILE, spec.to_yaml())
     job = Job("local", spec, run_dir, listeners=listeners, resume=checkpoint, train_size=train_size)
-    turns = OrderedTurns(spec.replicas)
     errors: list[str] = []
 
     def replica_thread(replica: int) -> None:
-        worker = WorkerLoop(InProcessTransport(job), f"replica-{replica}", spec.device, replica, turns)
+        worker = WorkerLoop(
+            InProcessTransport(job),
+            f"replica-{replica}",
+            placement.devices[replica],
+            replica,
+            placement.turns_of(replica),
+            exchange_turns=placement.exchange_turns or no_turns,
+        )
         try:
             worker.run()
         except CoordinatorError as err:
@@ -134,7 +218,7 @@ def run_local(
             errors.append(f"replica {replica}: {err}")
             job.abort(f"replica {replica}: {err}")
         finally:
-            turns.retire(replica)
+            placement.retire(replica)
 
     threads = [
         threading.Thread(target=replica_thread, args=(r,), name=f"replica-{r}", daemon=True)
@@ -149,7 +233,7 @@ def run_local(
                 thread.join(timeout=0.2)
     except KeyboardInterrupt:
         job.cancel()
-        turns.close()
+        placement.close()
         raise
     finally:
         job.log.close()

@@ -1,5 +1,7 @@
 """`parle train CONFIG --workers N`: a coordinator on a free loopback port in this process and N
-`parle worker` processes, all stopped when the job ends or on Ctrl-C. The run directory is the job's."""
+`parle worker` processes, all stopped when the job ends or on Ctrl-C. The run directory is the job's.
+Worker i asks for replica i and runs on ``replica_device(spec.device, i, G)``: with ``device: cuda``, the
+workers spread over the G visible GPUs (i mod G)."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from cluster.local import replica_device, visible_gpus
 from coordinator.job import JobState, Listener
 from coordinator.server import CoordinatorServer
 from protos.spec import JobSpec
@@ -22,6 +25,14 @@ def worker_command(address: str, job_id: str, name: str, *options: str) -> list[
     """`parle worker` for one job, run with this interpreter; ``options`` are further worker flags."""
     command = [sys.executable, "-m", "cluster.cli", "worker", "--coordinator", address, "--job", job_id]
     return [*command, "--name", name, *options]
+
+
+def worker_options(spec: JobSpec, workers: int, device_count: int, threads: int) -> list[tuple[str, ...]]:
+    """Each worker process's flags: its replica, its device (``replica_device``) and its CPU threads."""
+    return [
+        ("--replica", str(i), "--device", replica_device(spec.device, i, device_count), "--threads", str(threads))
+        for i in range(workers)
+    ]
 
 
 def reap(procs: list[subprocess.Popen[bytes]], grace_s: float = 10.0) -> None:
@@ -41,6 +52,7 @@ def run_processes(spec: JobSpec, run_dir: Path, workers: int, listeners: list[Li
     token = secrets.token_hex(16)
     env = {**os.environ, "PARLE_TOKEN": token}
     threads = max(1, (os.cpu_count() or 1) // workers)
+    options = worker_options(spec, workers, visible_gpus() if spec.device != "cpu" else 0, threads)
     server = CoordinatorServer(run_dir / ".coordinator", listen="127.0.0.1:0", token=token)
     procs: list[subprocess.Popen[bytes]] = []
     try:
@@ -48,9 +60,8 @@ def run_processes(spec: JobSpec, run_dir: Path, workers: int, listeners: list[Li
         job = server.manager.job(job_id)
         job.listeners.extend(listeners)
         log.info("job %s on %s with %d worker processes", job_id, server.address, workers)
-        for i in range(workers):
-            options = ("--replica", str(i), "--device", spec.device, "--threads", str(threads))
-            procs.append(subprocess.Popen(worker_command(server.address, job_id, f"worker-{i}", *options), env=env))
+        for i, flags in enumerate(options):
+            procs.append(subprocess.Popen(worker_command(server.address, job_id, f"worker-{i}", *flags), env=env))
         while job.wait(timeout=1.0) not in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED):
             if all(p.poll() is not None for p in procs):
                 job.abort("every worker process exited before the job finished")

@@ -119,9 +119,12 @@ def cmd_worker(args: argparse.Namespace) -> int:
     import torch
 
     from cluster.client import Endpoint
+    from cluster.local import replica_device, visible_gpus
     from worker.loop import WorkerLoop
     from worker.transports.grpc import GrpcTransport
 
+    # cuda with --replica a: GPU a mod G, as `parle train --workers` places them; no GPU visible: exit 2
+    device = args.device if args.device == "cpu" else replica_device(args.device, args.replica or 0, visible_gpus())
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.metrics_port:
@@ -133,7 +136,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         loop = WorkerLoop(
             transport,
             args.name,
-            args.device,
+            device,
             want_replica=args.replica,
             serve_forever=args.job is None,
             reconnect_s=args.reconnect_s,
@@ -250,7 +253,7 @@ def add_service_commands(sub: argparse._SubParsersAction) -> None:
     wk = sub.add_parser("worker", help="run a worker: one replica at a time for a coordinator")
     _client_flags(wk)
     wk.add_argument("--job", help="serve this job and exit when it ends (default: serve any job, forever)")
-    wk.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    wk.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (cuda with --replica a: GPU a mod the GPUs)")
     wk.add_argument("--name", default=f"worker-{socket.gethostname()}-{os.getpid()}")
     wk.add_argument("--replica", type=int, help="ask for this replica index")
     wk.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")

@@ -25,6 +25,7 @@ from protos.spec import JobSpec
 from worker import metrics
 from worker.flat import FlatParameters
 from worker.kernels import ChainHyper, OuterHyper
+from worker.noise import NoiseStream
 from worker.replica import ReplicaState
 from worker.transports import WorkerTransport
 from worker.workloads import (
@@ -39,18 +40,59 @@ from worker.workloads import (
 
 log = logging.getLogger(__name__)
 
-# Serialises the replicas of one process in replica order (local runtime), so that the global RNG
-# (dropout) is used in a fixed order and runs are reproducible. A process with one replica needs none.
+# Serialises the replicas of one process that share a device in replica order (local runtime), so that
+# the global RNG they draw from (dropout) is used in a fixed order and runs are reproducible. A process
+# with one replica needs none.
 Turns = Callable[[int], AbstractContextManager[None]]
 
 
-# torch's global RNG (weight init, dropout) is one per process: replicas sharing a process take this lock
-# whenever they swap in or draw from their own stream.
+# torch's global CPU RNG (weight init, dropout on CPU) is one per process: replicas sharing a process take
+# this lock whenever they swap in or draw from their own stream. Each GPU's default generator (dropout on
+# that GPU) has its own lock (``device_rng_lock``), so replicas on different GPUs never wait for each other.
 GLOBAL_RNG_LOCK = threading.RLock()
+_DEVICE_RNG_LOCKS: dict[torch.device, threading.RLock] = {}
+
+
+def device_rng_lock(device: torch.device) -> threading.RLock:
+    if device.type != "cuda":
+        return GLOBAL_RNG_LOCK
+    with GLOBAL_RNG_LOCK:
+        return _DEVICE_RNG_LOCKS.setdefault(device, threading.RLock())
 
 
 def no_turns(replica: int) -> AbstractContextManager[None]:
     return contextlib.nullcontext()
+
+
+def to_device(tensor: Tensor, device: torch.device) -> Tensor:
+    """Host -> ``device``. To a GPU through a pinned buffer with a non-blocking copy: it is queued on the
+    device's current stream ahead of the kernels that read the result, and torch's caching host allocator
+    keeps the pinned buffer alive until the copy has run."""
+    if device.type != "cuda" or tensor.device == device:
+        return tensor.to(device)
+    if tensor.device.type == "cpu" and not tensor.is_pinned():
+        tensor = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True).copy_(tensor)
+    return tensor.to(device, non_blocking=True)
+
+
+def to_host(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Device -> host for tensors whose bytes are read next (uploads, checkpoints). GPU tensors: non-blocking
+    copies into fresh pinned buffers, then a wait on an event recorded after them on each device (a
+    non-blocking device->host copy has not happened, and its buffer holds no valid bytes, until then).
+    CPU tensors pass as they are."""
+    out, events = {}, []
+    for name, tensor in tensors.items():
+        if tensor.device.type != "cuda":
+            out[name] = tensor
+            continue
+        host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        out[name] = host.copy_(tensor, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(tensor.device))
+        events.append(event)
+    for event in events:
+        event.synchronize()
+    return out
 
 
 def replica_seed(seed: int, replica: int, stream: int) -> int:
@@ -80,7 +122,9 @@ class Workload:
         # Sync replicas start from different initialisations; EASGD's start from one shared point.
         init = 0 if spec.optim.mode == "async" else replica
         with GLOBAL_RNG_LOCK, torch.random.fork_rng(devices=[]):
-            torch.manual_seed(replica_seed(spec.seed, init, 0))
+            # The CPU generator only (the model is built on the CPU): torch.manual_seed would also reseed
+            # every GPU's generator, under the feet of replicas computing on other GPUs.
+            torch.default_generator.manual_seed(replica_seed(spec.seed, init, 0))
             model = build_model(spec.model, data.input_shape, data.num_classes).to(device)
         shard = shard_indices(data.train_x.shape[0], replica, spec.replicas, spec.data.frac, spec.seed)
         sampler = BatchSampler(
@@ -91,53 +135,59 @@ class Workload:
 
 
 class ReplicaRng:
-    """A replica's own random streams: the chain's noise generator and the global RNG (dropout).
+    """A replica's own random streams: the chain's noise generator and the global stream its model draws
+    from (dropout): torch's CPU generator for a CPU replica, its GPU's default generator for a CUDA one.
 
-    The global stream is swapped in around the replica's compute, so replicas that share a process
-    do not consume each other's random numbers, and both streams are saved in checkpoints."""
+    The global stream is swapped in around the replica's compute, so replicas that share a process do not
+    consume each other's random numbers, and both streams are saved in checkpoints. A CUDA replica swaps
+    only its GPU's generator (under that GPU's lock), never the CPU one, which a model on a GPU does not
+    draw from: replicas on different GPUs then compute at the same time without touching each other's
+    streams, while replicas on one device take turns (local runtime)."""
 
     def __init__(self, seed: int, replica: int, device: torch.device) -> None:
         self.device = device
-        self.noise = torch.Generator(device=device)
+        self.noise = NoiseStream(device)
         self.noise.manual_seed(replica_seed(seed, replica, 1))
-        with GLOBAL_RNG_LOCK, torch.random.fork_rng(devices=self._cuda()):
-            torch.manual_seed(replica_seed(seed, replica, 2))
-            self._global = self._get()
-
-    def _cuda(self) -> list[torch.device]:
-        return [self.device] if self.device.type == "cuda" else []
-
-    def _get(self) -> list[Tensor]:
-        states = [torch.get_rng_state()]
-        if self.device.type == "cuda":
-            states.append(torch.cuda.get_rng_state(self.device))
-        return states
-
-    def _set(self, states: list[Tensor]) -> None:
-        torch.set_rng_state(states[0])
-        if self.device.type == "cuda":
-            torch.cuda.set_rng_state(states[1], self.device)
+        # The states torch.manual_seed(start) would give, made without touching the process's generators.
+        start = replica_seed(seed, replica, 2)
+        self._cpu = torch.Generator().manual_seed(start).get_state()
+        self._cuda = torch.Generator(device=device).manual_seed(start).get_state() if device.type == "cuda" else None
+        self._lock = device_rng_lock(device)
 
     @contextlib.contextmanager
     def scope(self) -> Iterator[None]:
-        with GLOBAL_RNG_LOCK:
-            outer = self._get()
-            self._set(self._global)
+        with self._lock:
+            if self._cuda is None:
+                outer = torch.get_rng_state()
+                torch.set_rng_state(self._cpu)
+            else:
+                outer = torch.cuda.get_rng_state(self.device)
+                torch.cuda.set_rng_state(self._cuda, self.device)
             try:
                 yield
             finally:
-                self._global = self._get()
-                self._set(outer)
+                if self._cuda is None:
+                    self._cpu = torch.get_rng_state()
+                    torch.set_rng_state(outer)
+                else:
+                    self._cuda = torch.cuda.get_rng_state(self.device)
+                    torch.cuda.set_rng_state(outer, self.device)
 
     def state(self) -> dict[str, Tensor]:
-        out = {"rng_noise": self.noise.get_state(), "rng_global": self._global[0]}
-        if len(self._global) > 1:
-            out["rng_global_cuda"] = self._global[1]
+        out = {"rng_noise": self.noise.get_state(), "rng_global": self._cpu}
+        if self._cuda is not None:
+            out["rng_global_cuda"] = self._cuda
+        chunks = self.noise.stream_state()  # the noise's parallel chunk generators, once they exist
+        if chunks is not None:
+            out["rng_noise_chunks"] = chunks
         return out
 
     def load_state(self, state: dict[str, Tensor]) -> None:
         self.noise.set_state(state["rng_noise"])
-        self._global = [state["rng_global"]] + ([state["rng_global_cuda"]] if "rng_global_cuda" in state else [])
+        self.noise.load_stream_state(state.get("rng_noise_chunks"))
+        self._cpu = state["rng_global"]
+        if self._cuda is not None and "rng_global_cuda" in state:
+            self._cuda = state["rng_global_cuda"]
 
 
 # Errors after which a worker joins again: the coordinator restarted (it no longer knows this worker),
@@ -149,7 +199,9 @@ class WorkerLoop:
     """Runs replicas for a coordinator until the job ends.
 
     ``serve_forever``: a pool worker; after a job ends it asks for the next one. ``reconnect_s``: how long
-    to keep retrying while the coordinator is unreachable (0: fail at once)."""
+    to keep retrying while the coordinator is unreachable (0: fail at once). ``turns``: the compute turns
+    this replica shares with the others on its device; ``exchange_turns``: the order of async exchanges
+    across devices (local runtime)."""
 
     def __init__(
         self,
@@ -160,12 +212,14 @@ class WorkerLoop:
         turns: Turns = no_turns,
         serve_forever: bool = False,
         reconnect_s: float = 0.0,
+        exchange_turns: Turns = no_turns,
     ) -> None:
         self.transport = transport
         self.name = name
         self.device = torch.device(device)
         self.want_replica = want_replica
         self.turns = turns
+        self.exchange_turns = exchange_turns
         self.serve_forever = serve_forever
         self.reconnect_s = reconnect_s
         self.rounds_done = 0
@@ -234,6 +288,8 @@ class WorkerLoop:
     def _setup(self, grant: JoinGrant) -> None:
         spec = grant.spec
         self.spec, self.replica_index = spec, grant.replica
+        if self.device.type == "cuda" and self.device.index is not None:
+            torch.cuda.set_device(self.device)  # this thread's current GPU: what a model allocates lands on it
         self.work = Workload.build(spec, grant.replica, self.device)
         self.replica = ReplicaState(
             self.work.flat.data, self.work.flat.grad, spec.optim.L, spec.optim.inner_momentum_reset
@@ -242,10 +298,10 @@ class WorkerLoop:
         if grant.replica_state is not None:
             self.load_state(grant.replica_state)
         elif grant.start is not None:
-            self.replica.load_weights(grant.start.to(self.device))
+            self.replica.load_weights(to_device(grant.start, self.device))
         self.prefix = f"[job {grant.job_id} replica {grant.replica} {grant.worker_id}]"
         if grant.seed_center:  # async: the shared start becomes the center
-            self.transport.report_state(0, {"x": self.replica.x.cpu()})
+            self.transport.report_state(0, to_host({"x": self.replica.x}))
 
     def _train(self, grant: JoinGrant) -> None:
         self._setup(grant)
@@ -256,9 +312,11 @@ class WorkerLoop:
                 upload, stats = self._chain(values)
                 if is_async:  # x takes its local step and the exchange sends x, within the turn: replicas
                     # sharing a process then reach the center in a fixed order, so async runs repeat too
+                    # (across devices too: replicas on other devices exchange in that order as well)
                     with torch.no_grad():
                         upload = self.replica.local_step(self._outer(values))
-                    reply = self._exchange(grant.job_id, values, upload, stats)
+                    with self.exchange_turns(self.replica_index):
+                        reply = self._exchange(grant.job_id, values, upload, stats)
             if not is_async:  # a sync exchange waits for every replica: never while holding the turn
                 reply = self._exchange(grant.job_id, values, upload, stats)
             self._finish(values, reply)
@@ -269,6 +327,7 @@ class WorkerLoop:
             values = reply.next_values
 
     def _exchange(self, job_id: str, values: RoundValues, upload: Tensor, stats: RoundStats) -> ExchangeReply:
+        upload = to_host({"upload": upload})["upload"]  # from a GPU: pinned, non-blocking, waited for
         started = time.perf_counter()
         reply = self.transport.exchange(values.round, upload, stats)
         self._record(job_id, stats, time.perf_counter() - started)
@@ -322,7 +381,7 @@ class WorkerLoop:
         return OuterHyper(values.lr, values.rho, optim.momentum, optim.nesterov)
 
     def _finish(self, values: RoundValues, reply: ExchangeReply) -> None:
-        reference = reply.reference.to(self.device, non_blocking=True)
+        reference = to_device(reply.reference, self.device)
         with torch.no_grad():
             if self.spec.optim.mode == "async":
                 self.replica.easgd_exchange(reference, self.spec.optim.alpha)
@@ -332,10 +391,10 @@ class WorkerLoop:
         if duties.checkpoint:
             self.transport.report_state(reply.closed_round, self.state())
         elif duties.model:
-            self.transport.report_state(reply.closed_round, {"x": self.replica.x.cpu()})
+            self.transport.report_state(reply.closed_round, to_host({"x": self.replica.x}))
         if duties.evaluate:
             model = self.transport.fetch_model(reply.closed_round)
-            self.transport.report_eval(self.evaluate_model(reply, model.to(self.device)))
+            self.transport.report_eval(self.evaluate_model(reply, to_device(model, self.device)))
 
     def evaluate_model(self, reply: ExchangeReply, model: Tensor) -> EvalReport:
         """Evaluate the job's model in this replica's network (BN re-estimated first), then put the
@@ -361,7 +420,7 @@ class WorkerLoop:
     def state(self) -> dict[str, Tensor]:
         sampler = self.work.sampler.state()
         return {
-            **{k: v.cpu() for k, v in self.replica.state().items()},
+            **to_host(self.replica.state()),
             **self.rng.state(),
             "sampler": torch.tensor([sampler["epoch"], sampler["position"]], dtype=torch.int64),
         }
