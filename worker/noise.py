@@ -83,10 +83,12 @@ def box_muller_(out: np.ndarray, bits: np.random.SFC64) -> None:
 
 @dataclass
 class _Draw:
-    """One draw in flight: ``buffer`` is complete once every future has finished."""
+    """One draw in flight: ``buffer`` is complete once every future has finished. ``before``: each chunk
+    generator's state before this draw (the filling task records it first, off the caller's thread)."""
 
     buffer: Tensor
     futures: list[Future[None]]
+    before: list[list[int] | None]
 
     def wait(self) -> Tensor:
         for future in self.futures:
@@ -94,8 +96,9 @@ class _Draw:
         return self.buffer
 
 
-def _fill(buffer: np.ndarray, generators: list[np.random.SFC64], chunks: range) -> None:
+def _fill(buffer: np.ndarray, generators: list[np.random.SFC64], chunks: range, before: list[list[int] | None]) -> None:
     for c in chunks:
+        before[c] = _get_state(generators[c])
         box_muller_(buffer[c * CHUNK : (c + 1) * CHUNK], generators[c])
 
 
@@ -126,7 +129,6 @@ class NoiseStream(torch.Generator):
 
     def __init__(self, device: torch.device | str = "cpu") -> None:  # torch.Generator.__new__ takes the device
         self._chunks: list[np.random.SFC64] = []
-        self._consumed: Tensor | None = None  # chunk generators' states after the last draw handed out
         self._buffers: tuple[Tensor, Tensor] | None = None
         self._ahead: _Draw | None = None
 
@@ -142,15 +144,19 @@ class NoiseStream(torch.Generator):
         if draw is None:
             draw = self._start(self._buffers[0])
         buffer = draw.wait()
-        self._consumed = self._chunk_states()
         # Draw the next step's noise into the other buffer while the caller uses this one.
         self._ahead = self._start(self._buffers[1] if buffer is self._buffers[0] else self._buffers[0])
         return buffer.view(like.shape)
 
     def stream_state(self) -> Tensor | None:
-        """The chunk generators' states (int64, one row each) after the last draw handed out; None before
-        the first chunked draw."""
-        return None if self._consumed is None else self._consumed.clone()
+        """The chunk generators' states (int64, one row each) after the last draw handed out, that is
+        before the one drawn ahead; None before the first chunked draw."""
+        if not self._chunks:
+            return None
+        if self._ahead is None:
+            return self._chunk_states()
+        self._ahead.wait()
+        return torch.tensor(self._ahead.before, dtype=torch.int64)
 
     def load_stream_state(self, state: Tensor | None) -> None:
         """Continue from a ``stream_state()`` (None: the chunk generators are seeded afresh from this
@@ -158,13 +164,12 @@ class NoiseStream(torch.Generator):
         self._cancel()
         self._buffers = None
         if state is None:
-            self._chunks, self._consumed = [], None
+            self._chunks = []
             return
         if state.dim() != 2 or state.shape[1] != _STATE_WORDS:
             raise ValueError(f"noise stream state: expected shape (chunks, {_STATE_WORDS}), got {tuple(state.shape)}")
         self._chunks = [np.random.SFC64(0) for _ in range(state.shape[0])]
         self._set_chunk_states(state)
-        self._consumed = state.clone()
 
     def _prepare(self, numel: int) -> None:
         self._cancel()
@@ -174,14 +179,14 @@ class NoiseStream(torch.Generator):
                 raise ValueError(f"noise stream: {len(self._chunks)} chunk generators, a buffer of {count} chunks")
             entropy = [int(v) for v in torch.randint(0, 2**32, (4,), generator=self, dtype=torch.int64)]
             self._chunks = [np.random.SFC64(seq) for seq in np.random.SeedSequence(entropy).spawn(count)]
-            self._consumed = self._chunk_states()
         self._buffers = (torch.empty(numel), torch.empty(numel))
 
     def _start(self, buffer: Tensor) -> _Draw:
         pool, threads, count = _executor(), pool_threads(), len(self._chunks)
         ranges = [range(count * i // threads, count * (i + 1) // threads) for i in range(threads)]
-        array = buffer.numpy()
-        return _Draw(buffer, [pool.submit(_fill, array, self._chunks, r) for r in ranges if len(r) > 0])
+        array, before = buffer.numpy(), list[list[int] | None]([None] * count)
+        futures = [pool.submit(_fill, array, self._chunks, r, before) for r in ranges if len(r) > 0]
+        return _Draw(buffer, futures, before)
 
     def _cancel(self) -> None:
         """Wait for a draw made ahead and roll the chunk generators back to before it."""
@@ -190,8 +195,9 @@ class NoiseStream(torch.Generator):
             return
         for future in draw.futures:
             future.exception()  # waits; a failed fill goes with the draw
-        if self._consumed is not None:
-            self._set_chunk_states(self._consumed)
+        for bits, state in zip(self._chunks, draw.before, strict=True):
+            if state is not None:
+                _set_state(bits, torch.tensor(state))
 
     def _chunk_states(self) -> Tensor:
         return torch.tensor([_get_state(g) for g in self._chunks], dtype=torch.int64)
