@@ -12,10 +12,11 @@ Replicas on different GPUs compute at the same time. What the turns protect stay
 run concurrently: each replica draws from its own streams (sampler, Langevin noise), and the global
 stream its model draws from (dropout) is torch's CPU generator for a CPU replica, which only the one CPU
 group swaps, and its own GPU's default generator for a CUDA replica, which only that GPU's group swaps
-(``worker.loop.ReplicaRng``). A sync round's mean does not depend on which group reports first (the
-coordinator sums float32 reports in float64, exact unless they differ by more than 2^29 in magnitude);
-async (EASGD) rounds do, so there the exchanges themselves also go in replica order across all groups
-(``exchange_turns``), while the chains still overlap.
+(``worker.loop.ReplicaRng``). A sync round's mean does not depend on which group reports first: the
+coordinator sums the float32 reports in float64, where a few replicas' sum is exact (unless an element
+differs across them by a factor of more than about 2^27), so the order of additions does not change it.
+An async (EASGD) round does depend on the order, so there the exchanges themselves also go in replica
+order across all groups (``exchange_turns``), while the chains still overlap.
 """
 
 from __future__ import annotations
