@@ -77,25 +77,31 @@ def sized(raw: dict[str, Any], train_size: int) -> JobSpec:
     return resolve({**raw, "optim": optim})
 
 
-def summarize(run_dir: Path) -> dict[str, float]:
+def summarize(run_dir: Path) -> dict[str, Any]:
+    """The run's figures and a thinned copy of its events (every eval, at most ~400 rounds) for the plots:
+    ``summary.json`` is what gets committed, the run directory (checkpoints, full log) is not."""
     events = read_events(run_dir / "metrics.jsonl")
     tests = [e for e in events if e["kind"] == "eval" and e["split"] == "test"]
     trains = [e for e in events if e["kind"] == "eval" and e["split"] == "train"]
-    last_round = [e for e in events if e["kind"] == "round"][-1]
+    rounds = [e for e in events if e["kind"] == "round"]
+    every = max(1, len(rounds) // 400)
+    kept = [e for e in events if e["kind"] == "eval"] + rounds[::every]
     return {
         "final_test": 100 * tests[-1]["error"],
         "best_test": 100 * min(e["error"] for e in tests),
         "final_train": 100 * trains[-1]["error"] if trains else float("nan"),
         "epochs": tests[-1]["epoch"],
-        "seconds": last_round["time"],
+        "seconds": rounds[-1]["time"],
+        "events": sorted(kept, key=lambda e: (e["time"], e["kind"])),
     }
 
 
-def run_one(out: Path, regime: str, method: str, seed: int, device: str) -> dict[str, float] | None:
+def run_one(out: Path, regime: str, method: str, seed: int, device: str) -> dict[str, Any] | None:
     run_dir = out / regime / method / f"seed{seed}"
     summary = run_dir / "summary.json"
     if summary.is_file():
-        return dict(json.loads(summary.read_text()))
+        done: dict[str, Any] = json.loads(summary.read_text())
+        return done
     raw = {**job(regime, method, seed), "device": device}
     spec = resolve(raw)
     train_size = preflight(spec)
@@ -145,9 +151,9 @@ def report(out: Path, seeds: list[int]) -> str:
             n = job(regime, method, 0)["replicas"]
             cols = [_cell([row[k] for row in rows]) for k in ("final_test", "best_test", "final_train", "seconds")]
             lines.append(f"| {method} | {n} | {len(rows)} | " + " | ".join(cols) + " |")
-            first = out / regime / method / f"seed{seeds[0]}" / "metrics.jsonl"
+            first = out / regime / method / f"seed{seeds[0]}" / "summary.json"
             if first.is_file():
-                curves[method] = read_events(first)
+                curves[method] = json.loads(first.read_text()).get("events", [])
         if curves:
             plot_runs(curves, out / f"{regime}.png")
             lines += ["", f"![{regime}]({regime}.png)"]
