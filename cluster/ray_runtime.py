@@ -18,7 +18,7 @@ from types import FrameType
 from typing import Any
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 from torch import Tensor
@@ -194,6 +194,10 @@ class RayDriver:
                     ray.get(ref, timeout=30)
                 except RayActorError as err:
                     self.replace(replica, err)
+                except RayTaskError as err:
+                    # The worker loop raised (e.g. a replacement that came up after the last round): the job's
+                    # own state says how it ended, so the driver goes on watching instead of dying with it.
+                    log.warning("worker of replica %d ended with an error: %s", replica, err.cause or err)
             events, state, message = get(self.coordinator.events_since.remote(seen), 60)
             seen += len(events)
             for event in events:

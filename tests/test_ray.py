@@ -157,7 +157,8 @@ def _scrape(port: int) -> str:
 
 def test_killed_worker_actor_is_replaced_and_joins_from_the_reference(ray_head: dict[str, Any], tmp_path: Path) -> None:
     port = _free_ports(3)
-    raw = job_dict(epochs=4, model={"name": "toy_models:slow_mlp", "options": {"delay": 0.05}})
+    # Long enough (48 rounds of >= 0.3 s) for a replacement actor to start on a busy machine before the end.
+    raw = job_dict(epochs=6, model={"name": "toy_models:slow_mlp", "options": {"delay": 0.15}})
     raw["runtime"]["ray"]["metrics_port"] = port
     spec = resolve(raw)
     run_dir = tmp_path / "run"
@@ -187,7 +188,7 @@ def test_killed_worker_actor_is_replaced_and_joins_from_the_reference(ray_head: 
     rejoin = [m for m in members if m["event"] == "join"][-1]
     assert rejoin["replica"] == 1 and rejoin["start"] == "reference"
     rounds = [e["round"] for e in read_events(run_dir / "metrics.jsonl") if e["kind"] == "round"]
-    assert rounds == list(range(32))
+    assert rounds == list(range(48))
 
 
 def test_impossible_resource_request_fails_fast_with_a_clear_message(ray_head: dict[str, Any], tmp_path: Path) -> None:
