@@ -16,6 +16,7 @@ import statistics
 import time
 from collections.abc import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -23,7 +24,7 @@ from torch import nn
 from protos.spec import ModelSpec
 from worker.flat import FlatParameters
 from worker.kernels import ChainHyper, langevin_step_
-from worker.noise import NoiseStream
+from worker.noise import NoiseStream, box_muller_
 from worker.workloads import build_model, count_parameters
 
 INPUT = {"lenet": (1, 28, 28), "mnistfc": (1, 28, 28), "allcnn": (3, 32, 32)}
@@ -104,6 +105,26 @@ def measure(name: str, device: torch.device, blocks: int, steps: int, batch: int
     }
 
 
+def noise_cpu_cost(numel: int = 1 << 18, repeats: int = 31) -> dict[str, float]:
+    """CPU time per element (ns, one thread) of drawing N(0, 1): ``torch.randn`` with a generator vs one
+    ``NoiseStream`` chunk (SFC64 bits + vectorised Box-Muller). Thread CPU time, interleaved medians: it
+    barely moves with machine load, unlike wall-clock ratios."""
+    out = torch.empty(numel)
+    gen = torch.Generator().manual_seed(0)
+    bits = np.random.SFC64(0)
+    draws: dict[str, Callable[[], object]] = {
+        "torch.randn": lambda: torch.randn(numel, generator=gen, out=out),
+        "NoiseStream chunk": lambda: box_muller_(out.numpy(), bits),
+    }
+    times: dict[str, list[float]] = {k: [] for k in draws}
+    for _ in range(repeats):
+        for key, draw in draws.items():
+            start = time.thread_time()
+            draw()
+            times[key].append(time.thread_time() - start)
+    return {k: 1e9 * statistics.median(v) / numel for k, v in times.items()}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["lenet", "mnistfc"], choices=sorted(INPUT))
@@ -125,6 +146,9 @@ def main(argv: list[str] | None = None) -> None:
             f"{r['plain_noise_ms']:>11.2f}{r['ratio_plain_noise']:>6.2f}x{r['noise_ms']:>12.2f}{r['ratio_noise']:>6.2f}x"
         )
     print("+randn: Langevin noise from a torch.Generator; +stream: from worker.noise.NoiseStream (the worker's)")
+    if device.type == "cpu":
+        cost = noise_cpu_cost()
+        print("noise CPU cost, ns per element (one thread): " + ", ".join(f"{k} {v:.2f}" for k, v in cost.items()))
 
 
 if __name__ == "__main__":
