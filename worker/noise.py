@@ -13,6 +13,10 @@ third of the step. On CPU, for float32 buffers of more than one chunk, ``NoiseSt
 - draws the next step's noise ahead of time, while the gradient is computed (two buffers: the one the
   step reads, the one being filled).
 
+On a 2-vCPU machine the win is the cheaper generator alone (the step pays the draw's CPU time whichever
+thread draws it, both cores being busy in the gradient's OpenMP region); the pool and the draw ahead are
+for machines with cores to spare. Figures: bench/README.md, "Inner step with Langevin noise".
+
 Reproducible: the k-th draw depends only on the seeds and k. Checkpointable: ``stream_state`` is the chunk
 generators' states after the last draw handed out (not the one drawn ahead); ``load_stream_state``
 restores them and throws away whatever was drawn ahead, so a resumed run draws exactly what the
