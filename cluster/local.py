@@ -40,6 +40,7 @@ from protos.spec import JobSpec, SpecError, resolve
 from worker.loop import WorkerLoop, no_turns
 from worker.transports.inprocess import InProcessTransport
 from worker.workloads import build_model, load_dataset
+from worker.workloads.trust import Trust
 
 log = logging.getLogger(__name__)
 CONFIG_FILE = "config.yaml"
@@ -208,6 +209,7 @@ def run_local(
             replica,
             placement.turns_of(replica),
             exchange_turns=placement.exchange_turns or no_turns,
+            trust=Trust.for_spec(spec),  # one's own config on one's own machine
         )
         try:
             worker.run()

@@ -17,6 +17,7 @@ from cluster.local import replica_device, visible_gpus
 from coordinator.job import JobState, Listener
 from coordinator.server import CoordinatorServer
 from protos.spec import JobSpec
+from worker.workloads.trust import Trust
 
 log = logging.getLogger(__name__)
 
@@ -28,9 +29,14 @@ def worker_command(address: str, job_id: str, name: str, *options: str) -> list[
 
 
 def worker_options(spec: JobSpec, workers: int, device_count: int, threads: int) -> list[tuple[str, ...]]:
-    """Each worker process's flags: its replica, its device (``replica_device``) and its CPU threads."""
+    """Each worker process's flags: its replica, its device (``replica_device``), its CPU threads, and the
+    user code and data directory of this config (one's own config is trusted: ``Trust.for_spec``)."""
+    trust = tuple(Trust.for_spec(spec).flags())
     return [
-        ("--replica", str(i), "--device", replica_device(spec.device, i, device_count), "--threads", str(threads))
+        (
+            *("--replica", str(i), "--device", replica_device(spec.device, i, device_count)),
+            *("--threads", str(threads), *trust),
+        )
         for i in range(workers)
     ]
 

@@ -30,6 +30,7 @@ from protos.messages import Directives, EvalReport, JoinGrant, RoundStats, Round
 from protos.spec import JobSpec, RaySpec
 from worker.loop import WorkerLoop
 from worker.transports.ray import RayTransport, get
+from worker.workloads.trust import Trust
 
 log = logging.getLogger(__name__)
 
@@ -115,9 +116,9 @@ class CoordinatorActor:
 class WorkerActor:
     """One replica: the worker loop over ``RayTransport``; the device is what Ray assigned."""
 
-    def __init__(self, coordinator: Any, name: str, replica: int, metrics_port: int) -> None:
+    def __init__(self, coordinator: Any, name: str, replica: int, metrics_port: int, trust: Trust) -> None:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        self.coordinator, self.name, self.replica = coordinator, name, replica
+        self.coordinator, self.name, self.replica, self.trust = coordinator, name, replica, trust
         if metrics_port:  # one port per replica: a replacement reuses its predecessor's (that process is gone)
             from prometheus_client import start_http_server
 
@@ -125,7 +126,9 @@ class WorkerActor:
 
     def run(self) -> int:
         device = "cuda" if ray.get_gpu_ids() else "cpu"
-        loop = WorkerLoop(RayTransport(self.coordinator), self.name, device, want_replica=self.replica)
+        loop = WorkerLoop(
+            RayTransport(self.coordinator), self.name, device, want_replica=self.replica, trust=self.trust
+        )
         loop.run()
         return loop.rounds_done
 
@@ -180,7 +183,7 @@ class RayDriver:
         strategy = PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=replica)
         actor = WorkerActor.options(  # type: ignore[attr-defined]
             num_cpus=r.num_cpus, num_gpus=r.num_gpus, scheduling_strategy=strategy
-        ).remote(self.coordinator, f"ray-replica-{replica}", replica, r.metrics_port)
+        ).remote(self.coordinator, f"ray-replica-{replica}", replica, r.metrics_port, Trust.for_spec(self.spec))
         self.workers[replica] = actor
         self.runs[actor.run.remote()] = replica
 

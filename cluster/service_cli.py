@@ -3,6 +3,7 @@
     parle coordinator --listen 127.0.0.1:50051 --state-dir DIR [--token-file F] [--tls-cert F --tls-key F]
                       [--worker-token-file F --client-token-file F] [--insecure]
     parle worker --coordinator HOST:PORT [--job ID] [--device cpu|cuda|cuda:N] [--token-file F]
+                 [--allow-code PREFIX ...] [--data-dir DIR ...]
     parle submit CONFIG | jobs | status ID [--watch] | cancel ID | download ID -o FILE   (--coordinator ADDR)
 
 Addresses and tokens also come from PARLE_COORDINATOR and PARLE_TOKEN.
@@ -122,6 +123,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from cluster.local import replica_device, visible_gpus
     from worker.loop import WorkerLoop
     from worker.transports.grpc import GrpcTransport
+    from worker.workloads.trust import Trust
 
     # cuda with --replica a: GPU a mod G, as `parle train --workers` places them; no GPU visible: exit 2
     device = args.device if args.device == "cpu" else replica_device(args.device, args.replica or 0, visible_gpus())
@@ -140,6 +142,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
             want_replica=args.replica,
             serve_forever=args.job is None,
             reconnect_s=args.reconnect_s,
+            trust=Trust.of(args.allow_code, args.data_dir),
         )
         stop = threading.Event()
         _on_signals(stop)
@@ -260,6 +263,20 @@ def add_service_commands(sub: argparse._SubParsersAction) -> None:
     wk.add_argument("--reconnect-s", type=float, default=300.0, help="keep retrying an unreachable coordinator")
     wk.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus /metrics here (0: off)")
     wk.add_argument("--metrics-addr", default="127.0.0.1", help="address for --metrics-port (0.0.0.0 in containers)")
+    wk.add_argument(
+        "--allow-code",
+        action="append",
+        metavar="PREFIX",
+        help="run a job's model or data callable from modules under PREFIX (repeatable; default: built-ins only)",
+    )
+    wk.add_argument(
+        "--data-dir",
+        action="append",
+        type=Path,
+        metavar="DIR",
+        help="read a job's data.root only under DIR, symlinks resolved (repeatable; "
+        "default: /usr/share/datasets/fashion-mnist)",
+    )
     wk.set_defaults(func=cmd_worker)
 
     sm = sub.add_parser("submit", help="submit a job; prints its id")

@@ -26,9 +26,11 @@ from cluster.processes import reap, run_processes, worker_command
 from coordinator.events import read_events
 from coordinator.server import CoordinatorServer
 from protos.spec import resolve
+from worker.workloads.trust import Trust
 
 TESTS = Path(__file__).parent
 REPO = TESTS.parent
+TOY_CODE = ("--allow-code", "toy_models")  # the test models: workers run no user code they are not told to
 
 
 @pytest.fixture
@@ -66,7 +68,7 @@ def spec_dict(**overrides: Any) -> dict[str, Any]:
 def start_worker(
     procs: list[subprocess.Popen[bytes]], address: str, job_id: str, name: str, env: dict[str, str], *extra: str
 ) -> subprocess.Popen[bytes]:
-    cmd = worker_command(address, job_id, name, "--threads", "1", "--reconnect-s", "60", *extra)
+    cmd = worker_command(address, job_id, name, "--threads", "1", "--reconnect-s", "60", *TOY_CODE, *extra)
     proc = subprocess.Popen(cmd, env=env, cwd=REPO)
     procs.append(proc)
     return proc
@@ -212,7 +214,7 @@ def test_client_commands_submit_watch_download_plot_cancel(
         assert main(["submit", str(config), *flags]) == 0
         job_id = capsys.readouterr().out.strip()
         transport = GrpcTransport(server.address, job_id=job_id)
-        worker = threading.Thread(target=WorkerLoop(transport, "w0").run)
+        worker = threading.Thread(target=WorkerLoop(transport, "w0", trust=Trust(("toy_models",))).run)
         worker.start()
         assert main(["status", job_id, "--watch", *flags]) == 0  # streams until the job ends
         watched = capsys.readouterr().out
@@ -249,7 +251,7 @@ def test_pool_workers_serve_several_jobs_with_compressed_exchanges(tmp_path: Pat
         loops, threads = [], []
         for i in range(2):
             transport = GrpcTransport(server.address)
-            loop = WorkerLoop(transport, f"pool{i}", serve_forever=True)
+            loop = WorkerLoop(transport, f"pool{i}", serve_forever=True, trust=Trust(("toy_models",)))
             loops.append((loop, transport))
             threads.append(threading.Thread(target=loop.run, daemon=True))
             threads[-1].start()
@@ -288,7 +290,7 @@ def test_a_job_whose_data_cannot_load_fails_and_the_pool_worker_serves_the_next(
         bad_job = server.manager.job(server.manager.submit(resolve(bad)))
         good_job = server.manager.job(server.manager.submit(resolve(good)))
         transport = GrpcTransport(server.address)
-        loop = WorkerLoop(transport, "pool", serve_forever=True)
+        loop = WorkerLoop(transport, "pool", serve_forever=True, trust=Trust(("toy_models",), (tmp_path,)))
         thread = threading.Thread(target=loop.run, daemon=True)
         thread.start()
         try:

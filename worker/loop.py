@@ -37,6 +37,7 @@ from worker.workloads import (
     reestimate_batchnorm,
     shard_indices,
 )
+from worker.workloads.trust import Trust
 
 log = logging.getLogger(__name__)
 
@@ -201,7 +202,8 @@ class WorkerLoop:
     ``serve_forever``: a pool worker; after a job ends it asks for the next one. ``reconnect_s``: how long
     to keep retrying while the coordinator is unreachable (0: fail at once). ``turns``: the compute turns
     this replica shares with the others on its device; ``exchange_turns``: the order of async exchanges
-    across devices (local runtime)."""
+    across devices (local runtime). ``trust``: the user code and data directories a job may name (default:
+    built-ins only); a job naming others fails, the loop goes on."""
 
     def __init__(
         self,
@@ -213,6 +215,7 @@ class WorkerLoop:
         serve_forever: bool = False,
         reconnect_s: float = 0.0,
         exchange_turns: Turns = no_turns,
+        trust: Trust | None = None,
     ) -> None:
         self.transport = transport
         self.name = name
@@ -222,6 +225,7 @@ class WorkerLoop:
         self.exchange_turns = exchange_turns
         self.serve_forever = serve_forever
         self.reconnect_s = reconnect_s
+        self.trust = trust or Trust()
         self.rounds_done = 0
         self.joins = 0
         self.prefix = f"[{name}]"
@@ -288,6 +292,7 @@ class WorkerLoop:
     def _setup(self, grant: JoinGrant) -> None:
         spec = grant.spec
         self.spec, self.replica_index = spec, grant.replica
+        self.trust.check(spec)  # before any of the job's code is imported or its data read
         if self.device.type == "cuda" and self.device.index is not None:
             torch.cuda.set_device(self.device)  # this thread's current GPU: what a model allocates lands on it
         self.work = Workload.build(spec, grant.replica, self.device)
