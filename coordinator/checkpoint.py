@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
@@ -25,6 +26,14 @@ log = logging.getLogger(__name__)
 TENSORS = "tensors.safetensors"
 MANIFEST = "manifest.json"
 PREFIX = "ckpt-"
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint that could not be written (disk full, I/O error); the previous one is kept."""
+
+
+def one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())
 
 
 @dataclass(frozen=True)
@@ -86,23 +95,36 @@ class CheckpointStore:
         self.keep = keep
 
     def save(self, round: int, tensors: dict[str, Tensor], meta: dict[str, Any]) -> Path:
+        """Write the checkpoint of ``round``. A failed write (disk full, I/O error) removes its temporary
+        files, keeps the previous checkpoints and raises ``CheckpointWriteError`` naming both."""
         self.directory.mkdir(parents=True, exist_ok=True)
         final = self.directory / f"{PREFIX}{round:09d}"
         tmp = self.directory / f".tmp-{final.name}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        contiguous = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-        save_file(contiguous, str(tmp / TENSORS))
-        with (tmp / TENSORS).open("rb") as f:
-            os.fsync(f.fileno())
-        manifest = {
-            "round": round,
-            "created": time.time(),
-            "sha256": _sha256(tmp / TENSORS),
-            "tensors": sorted(contiguous),
-            **meta,
-        }
-        write_atomic_text(tmp / MANIFEST, json.dumps(manifest, indent=1))
+        try:
+            tmp.mkdir()
+            contiguous = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+            save_file(contiguous, str(tmp / TENSORS))
+            with (tmp / TENSORS).open("rb") as f:
+                os.fsync(f.fileno())
+            manifest = {
+                "round": round,
+                "created": time.time(),
+                "sha256": _sha256(tmp / TENSORS),
+                "tensors": sorted(contiguous),
+                **meta,
+            }
+            write_atomic_text(tmp / MANIFEST, json.dumps(manifest, indent=1))
+        except (OSError, SafetensorError) as err:
+            # Disk full or an I/O error: nothing of this checkpoint may stay behind, the previous ones are
+            # untouched (the new one only ever replaced them by a rename).
+            shutil.rmtree(tmp, ignore_errors=True)
+            kept = self._candidates()
+            previous = kept[-1].name if kept else "none yet"
+            raise CheckpointWriteError(
+                f"checkpoint of round {round} not written to {self.directory} ({one_line(err)}); "
+                f"the previous checkpoint is kept ({previous})"
+            ) from err
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)

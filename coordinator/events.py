@@ -3,13 +3,17 @@ evals, checkpoints, state changes, membership) and safetensors files written ato
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
 from safetensors.torch import save_file
 from torch import Tensor
+
+log = logging.getLogger(__name__)
 
 
 def read_events(path: Path) -> list[dict[str, Any]]:
@@ -39,13 +43,35 @@ class MetricsLog:
             tmp.replace(self.path)
         elif keep_below_round == 0 and self.path.exists():
             self.path.unlink()
-        self._file = self.path.open("a")
+        self._file = self.path.open("ab", buffering=0)
+        self._size = self._file.seek(0, os.SEEK_END)
+        self._failing = False
 
     def write(self, event: dict[str, Any]) -> None:
+        """Append one event. When the disk is full the event is dropped (with a log line and a metric, once
+        per failing streak) and any part of it written is cut off again: the job goes on, the log stays
+        whole lines."""
         if self._file.closed:  # the job was closed (coordinator stopping, job released): nothing more to log
             return
-        self._file.write(json.dumps(event) + "\n")
-        self._file.flush()
+        line = (json.dumps(event) + "\n").encode()
+        try:
+            written = 0
+            while written < len(line):
+                written += self._file.write(line[written:]) or 0
+        except OSError as err:
+            from coordinator import metrics  # the worker side writes no event logs: imported on need
+
+            metrics.EVENT_LOG_FAILURES.inc()
+            if not self._failing:
+                log.error("%s: cannot append events (%s); dropping them until it can", self.path, err)
+            self._failing = True
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._file.fileno(), self._size)
+            return
+        if self._failing:
+            log.info("%s: appending events again", self.path)
+        self._failing = False
+        self._size += len(line)
 
     def close(self) -> None:
         self._file.close()

@@ -24,9 +24,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from coordinator.checkpoint import Checkpoint, CheckpointStore, pack_job_state, unpack_job_state
+from coordinator.checkpoint import Checkpoint, CheckpointStore, CheckpointWriteError, pack_job_state, unpack_job_state
 from coordinator.events import MetricsLog, save_tensors
 from coordinator.job_records import ClosedRound, JobState, Member, PendingModel
+from coordinator.logtext import capped
 from coordinator.reference import SyncMean, easgd_center_step_
 from coordinator.schedules import Schedule, first_values
 from protos.messages import (
@@ -216,7 +217,7 @@ class Job:
             self._emit(
                 {"kind": "member", "event": "join", "replica": replica, "workers": len(self._members), "start": origin}
             )
-            log.info("job %s: %s joined as replica %d (%s)", self.job_id, name, replica, device)
+            log.info("job %s: %s joined as replica %d (%s)", self.job_id, capped(name), replica, capped(device))
             return JoinGrant(
                 worker_id=worker_id,
                 job_id=self.job_id,
@@ -298,7 +299,7 @@ class Job:
         """Fail the job from the coordinator's side (a runtime noticed that it cannot finish)."""
         with self._cond:
             if not self.state.terminal:
-                log.error("job %s failed: %s", self.job_id, reason)
+                log.error("job %s failed: %s", self.job_id, capped(reason))
                 self._set_state(JobState.FAILED, reason)
 
     def cancel(self) -> None:
@@ -566,23 +567,31 @@ class Job:
                 self._cond.wait(remaining)
             return self._models[round]
 
-    def _write_checkpoint(self, round: int, states: dict[int, dict[str, Tensor]], center: Tensor | None = None) -> Path:
-        """Checkpoint at ``round`` (the next round to run): the model, the center, the replicas' states."""
+    def _write_checkpoint(
+        self, round: int, states: dict[int, dict[str, Tensor]], center: Tensor | None = None
+    ) -> Path | None:
+        """Checkpoint at ``round`` (the next round to run): the model, the center, the replicas' states.
+        None when it could not be written (logged, a ``checkpoint_failed`` event; the previous one is kept)."""
         center = self.center if center is None else center
         assert center is not None
         model = self.model if self.model is not None else center.clone()  # safetensors refuses shared memory
         started = time.monotonic()
-        path = self.store.save(
-            round,
-            pack_job_state(model, center, states),
-            {
-                "job": self.job_id,
-                "elapsed": self.elapsed(),
-                "spec": self.spec.to_dict(),
-                "train_size": self.train_size,
-                "values": self._values(round).__dict__,
-            },
-        )
+        try:
+            path = self.store.save(
+                round,
+                pack_job_state(model, center, states),
+                {
+                    "job": self.job_id,
+                    "elapsed": self.elapsed(),
+                    "spec": self.spec.to_dict(),
+                    "train_size": self.train_size,
+                    "values": self._values(round).__dict__,
+                },
+            )
+        except CheckpointWriteError as err:  # disk full: the job goes on from the previous checkpoint
+            log.error("job %s: %s", self.job_id, err)
+            self._emit({"kind": "checkpoint_failed", "round": round, "error": str(err)})
+            return None
         self._emit({"kind": "checkpoint", "round": round, "path": str(path), "seconds": time.monotonic() - started})
         return path
 

@@ -23,6 +23,15 @@ MEMBERSHIP = Counter(
     "parle_membership_events_total", "Workers joining, leaving, or missing their lease", ["job_id", "event"]
 )
 REJECTED = Counter("parle_rejected_updates_total", "Requests refused before touching state, by reason", ["reason"])
+INTERNAL_ERRORS = Counter(
+    "parle_internal_errors_total", "Calls answered INTERNAL: a coordinator bug (traceback in its log)", ["method"]
+)
+CHECKPOINT_FAILURES = Counter(
+    "parle_checkpoint_failures_total", "Checkpoints that could not be written (disk full, I/O error)", ["job_id"]
+)
+EVENT_LOG_FAILURES = Counter(
+    "parle_event_log_failures_total", "Job events that could not be appended to metrics.jsonl (disk full)"
+)
 EXCHANGE_BYTES = Counter("parle_exchange_bytes_total", "Tensor bytes exchanged with workers", ["direction"])
 GAMMA = Gauge("parle_gamma", "Langevin coupling gamma of the last closed round", ["job_id"])
 RHO = Gauge("parle_rho", "Elastic coupling rho of the last closed round", ["job_id"])
@@ -56,6 +65,7 @@ PER_JOB = (
     JOB_STATE,
     CHECKPOINTS,
     CHECKPOINT_SECONDS,
+    CHECKPOINT_FAILURES,
     EPOCH,
 )
 
@@ -95,6 +105,8 @@ class JobMetrics:
         elif kind == "checkpoint":
             CHECKPOINTS.labels(job).inc()
             CHECKPOINT_SECONDS.labels(job).observe(event["seconds"])
+        elif kind == "checkpoint_failed":
+            CHECKPOINT_FAILURES.labels(job).inc()
         elif kind == "state":
             for state in STATES:
                 JOB_STATE.labels(job, state).set(1.0 if state == event["state"] else 0.0)

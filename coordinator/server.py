@@ -28,6 +28,7 @@ from coordinator.auth import TokenInterceptor, server_credentials
 from coordinator.checkpoint import CheckpointStore
 from coordinator.events import read_events
 from coordinator.job import Job
+from coordinator.logtext import capped
 from coordinator.registry import JobRecord, registry_token
 from coordinator.service import MAX_PENDING_JOBS, METRICS_RETENTION_S, RELEASE_AFTER_S, JobManager
 from protos import parle_pb2 as pb
@@ -92,20 +93,38 @@ KEEPALIVE_OPTIONS = [
 
 def _reject(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -> None:
     metrics.REJECTED.labels(code.name.lower()).inc()
-    log.info("rejected (%s): %s", code.name, message)
+    log.info("rejected (%s): %s", code.name, capped(message))
     context.abort(code, message)
 
 
+def _internal(context: grpc.ServicerContext, method: str, err: Exception) -> None:
+    """A bug of ours, not the caller's: INTERNAL, with the traceback in the log and a metric to alert on."""
+    metrics.INTERNAL_ERRORS.labels(method).inc()
+    log.error("internal error in %s", method, exc_info=err)
+    context.abort(
+        grpc.StatusCode.INTERNAL, f"{method}: internal error ({type(err).__name__}); the coordinator logged it"
+    )
+
+
 def guarded(handler: Callable[..., T]) -> Callable[..., T]:
-    """Map the project's errors to gRPC status codes (unary and streaming handlers alike)."""
+    """Map the project's errors to gRPC status codes (unary and streaming handlers alike).
+
+    Only the typed errors that validation raises are the client's fault: ``CoordinatorError`` (its own
+    code), ``CodecError`` and ``SpecError`` (INVALID_ARGUMENT; too large: RESOURCE_EXHAUSTED). Anything
+    else, a ValueError or KeyError included, is a bug of the coordinator's and answers INTERNAL."""
+    method = handler.__name__
 
     def translate(context: grpc.ServicerContext, err: Exception) -> None:
         if isinstance(err, CoordinatorError):
             _reject(context, grpc.StatusCode[err.code], str(err))
         elif isinstance(err, CodecTooLarge):
             _reject(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(err))
-        elif isinstance(err, (CodecError, SpecError, ValueError, KeyError)):
+        elif isinstance(err, (CodecError, SpecError)):
             _reject(context, grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        elif isinstance(err, grpc.RpcError) or context.code() is not None:
+            raise err  # the client went away mid-stream, or the call was already aborted: nothing to answer
+        else:
+            _internal(context, method, err)
         raise err
 
     @functools.wraps(handler)

@@ -196,10 +196,13 @@ class JobManager:
 
     def _recorder(self, job_id: str) -> Callable[[dict[str, Any]], None]:
         def record(event: dict[str, Any]) -> None:
-            if event["kind"] == "state":
-                self.registry.update(job_id, state=event["state"], message=event["message"], round=event["round"])
-            elif event["kind"] == "round":
-                self.registry.update(job_id, round=event["round"] + 1)
+            try:
+                if event["kind"] == "state":
+                    self.registry.update(job_id, state=event["state"], message=event["message"], round=event["round"])
+                elif event["kind"] == "round":
+                    self.registry.update(job_id, round=event["round"] + 1)
+            except sqlite3.Error as err:  # disk full: the job goes on; the registry catches up on the next event
+                log.error("job %s: registry not updated (%s)", job_id, err)
             with self._lock:
                 watchers = list(self._watchers.get(job_id, []))
             for q in watchers:
