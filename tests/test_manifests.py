@@ -55,3 +55,6 @@ def test_cluster_launcher_config_starts_ray_on_every_node() -> None:
     assert any("ray start --head" in c for c in config["head_start_ray_commands"])
     assert any("ray start --address" in c for c in config["worker_start_ray_commands"])
     assert config["min_workers"] == len(config["provider"]["worker_ips"])
+    # the dashboard / job API runs any job: loopback only, reached through an SSH tunnel
+    head = next(c for c in config["head_start_ray_commands"] if "ray start --head" in c)
+    assert "--dashboard-host=127.0.0.1" in head.split()
