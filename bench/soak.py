@@ -86,9 +86,10 @@ def process_figures(coord: Coordinator) -> dict[str, float]:
 
 
 @contextlib.contextmanager
-def coordinator(state_dir: Path, log: Path) -> Iterator[Coordinator]:
-    """``parle coordinator`` on a free loopback port, its log (stderr) into ``log``."""
+def coordinator(state_dir: Path, log: Path, *extra: str) -> Iterator[Coordinator]:
+    """``parle coordinator`` on a free loopback port (``extra``: more flags), its log (stderr) into ``log``."""
     cmd = [sys.executable, "-m", "cluster.cli", "coordinator", "--listen", "127.0.0.1:0", "--state-dir", str(state_dir)]
+    cmd += extra
     with log.open("w") as stderr:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, text=True)
     try:
@@ -198,6 +199,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cancel-share", type=float, default=0.3, help="chance per look of cancelling a job")
     parser.add_argument("--checkpoint-every", type=int, default=10, help="a job checkpoints every N rounds")
     parser.add_argument("--report-s", type=float, default=60.0, help="seconds between figure lines")
+    parser.add_argument(
+        "--metrics-retention-s", type=float, help="the coordinator's --metrics-retention-s (default: its own, 1 h)"
+    )
     parser.add_argument("--log", type=Path, help="the coordinator's log (default: a temporary file)")
     args = parser.parse_args(argv)
     if args.workers < args.replicas or args.min_rounds > args.max_rounds:
@@ -210,7 +214,8 @@ def main(argv: list[str] | None = None) -> None:
         os.close(fd)
         args.log = Path(name)
     log: Path = args.log
-    with tempfile.TemporaryDirectory(prefix="bench-soak-") as tmp, coordinator(Path(tmp) / "state", log) as coord:
+    flags = [] if args.metrics_retention_s is None else ["--metrics-retention-s", str(args.metrics_retention_s)]
+    with tempfile.TemporaryDirectory(prefix="soak-") as tmp, coordinator(Path(tmp) / "state", log, *flags) as coord:
         started = time.monotonic()
         first = line("start", started, coord, tally)
         threads = [threading.Thread(target=submitter, args=(coord.address, args, stop, tally), daemon=True)]
@@ -237,6 +242,7 @@ def main(argv: list[str] | None = None) -> None:
         "workers": args.workers,
         "replicas": args.replicas,
         "params": args.params,
+        "metrics_retention_s": args.metrics_retention_s,
         "rss_mb_start": first["rss_mb"],
         "rss_mb_after_warmup": settled[0]["rss_mb"],
         "rss_mb_end": last["rss_mb"],

@@ -99,6 +99,7 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
             inflight_bytes=args.max_inflight_bytes,
             upload_idle_s=args.upload_idle_s,
             max_pending_jobs=args.max_pending_jobs,
+            metrics_retention_s=args.metrics_retention_s,
         )
     except StateDirLocked as err:
         print(f"parle coordinator: {err}", file=sys.stderr)
@@ -250,6 +251,9 @@ def add_service_commands(sub: argparse._SubParsersAction) -> None:
     )
     co.add_argument("--upload-idle-s", type=float, default=60.0, help="cancel an upload silent this long")
     co.add_argument("--max-pending-jobs", type=int, default=64, help="jobs waiting for workers; more are refused")
+    co.add_argument(
+        "--metrics-retention-s", type=float, default=3600.0, help="keep a finished job's Prometheus series this long"
+    )
     co.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus /metrics on this port (0: off)")
     co.set_defaults(func=cmd_coordinator)
 
