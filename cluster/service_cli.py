@@ -140,6 +140,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
             want_replica=args.replica,
             serve_forever=args.job is None,
             reconnect_s=args.reconnect_s,
+            offer_on_rejoin=args.job is not None,  # a pool worker may be handed another job on rejoin
         )
         stop = threading.Event()
         _on_signals(stop)
