@@ -75,6 +75,9 @@ class Job:
         self.state = JobState.PENDING
         self.message = ""
         self._cond = threading.Condition()
+        # Events reach the log and the listeners one at a time, in order: rounds are published by the
+        # round-state writer thread, everything else under the job's lock.
+        self._publishing = threading.Lock()
         self._closing = False  # close(): the coordinator is stopping or has let go of the job
         self._members: dict[str, Member] = {}
         self._next_worker = 0
@@ -143,9 +146,10 @@ class Job:
         return {"job": self.job_id, "time": round(self.elapsed(), 4), **event}
 
     def _publish(self, event: dict[str, Any]) -> None:
-        self.log.write(event)
-        for listener in self.listeners:
-            listener(event)
+        with self._publishing:
+            self.log.write(event)
+            for listener in self.listeners:
+                listener(event)
 
     def _set_state(self, state: JobState, message: str = "") -> None:
         self.state, self.message = state, message

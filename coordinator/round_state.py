@@ -102,10 +102,12 @@ class RoundStateWriter:
         self.path = path
         self._written = written
         self._queue: queue.Queue[tuple[RoundState, bool] | None] = queue.Queue()
-        self._thread = threading.Thread(target=self._run, name=f"round-state:{path.parent.name}", daemon=True)
-        self._thread.start()
+        self._thread: threading.Thread | None = None  # started by the first round: a pending job holds none
 
     def submit(self, state: RoundState, new_round: bool) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name=f"round-state:{self.path.parent.name}", daemon=True)
+            self._thread.start()
         self._queue.put((state, new_round))
 
     def _run(self) -> None:
@@ -119,6 +121,8 @@ class RoundStateWriter:
 
     def close(self, timeout: float = 10.0) -> None:
         """Write what is queued, then stop."""
+        if self._thread is None:
+            return
         self._queue.put(None)
         if self._thread is not threading.current_thread():
             self._thread.join(timeout)
