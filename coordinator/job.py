@@ -248,6 +248,8 @@ class Job:
             if resume:
                 saved = None  # the worker's own state is newer than the checkpoint's
                 member.offer_round = resume_round
+                if resume_round == self.round - 1:
+                    member.rerun_round = resume_round
             else:
                 self._owe_nothing_to(replica)
             # A newcomer starts from the model (async: the center, which is the model); before the first model
@@ -445,9 +447,9 @@ class Job:
                 )
             if self.spec.optim.mode == "async":
                 return self._exchange_async(member, round, mu, stats)
-            if member.offer_round == round and round == self.round - 1 and round in self._closed:
+            if member.rerun_round == round and round == self.round - 1 and round in self._closed:
                 # Taken back at the round just closed: it ran that round again for the reply it lost.
-                member.offer_round = None
+                member.rerun_round = None
                 return self._reply(worker_id, member.replica, round) if self._durable(round) else None
             if round != self.round or worker_id in self._reported:
                 what = "stale" if round < self.round or worker_id in self._reported else "future"
@@ -683,9 +685,9 @@ class Job:
             what = f"replica state offered by {worker_id} (replica {member.replica}, round {round})"
             self._check_state(state, what, whole=True)
             self._check_tensor(state["x"], f"{what}: x")
+            member.offer_round = None
             if round < self.round:
                 return  # it runs the round just closed again; its exchange reply says what it owes
-            member.offer_round = None
             pending = self._pending
             owed = pending is not None and pending.round == round - 1
             if pending is not None and owed and member.replica in pending.expected - pending.reported:
