@@ -7,7 +7,9 @@ elastic step, gathered from the workers on the rounds that need it (evaluation, 
 the center itself.
 
 Transport-agnostic and thread-safe: the in-process transport calls it from worker threads, the gRPC
-server from its handler threads. Every request is validated before it touches state, so a rejected
+server from its handler threads. When a round closes (gang, reports, leaves, leases, deadlines) is decided
+by ``coordinator.rounds`` (pure, tested with made-up times); this class applies the decisions under its
+lock. Every request is validated before it touches state, so a rejected
 update never changes the center or the model. Events (rounds, evals, checkpoints, state changes) go to
 ``metrics.jsonl`` in the job directory and to listeners (progress bars, metrics).
 """
@@ -31,6 +33,7 @@ from coordinator.reference import SyncMean, easgd_center_step_
 from coordinator.replica_check import check_replica_state
 from coordinator.round_state import FILE as ROUND_STATE_FILE
 from coordinator.round_state import RoundState, RoundStateWriter
+from coordinator.rounds import CloseRound, Decision, GangOpened, SyncRounds, Wait, async_round_closes, lapsed
 from coordinator.schedules import Schedule, first_values
 from protos.messages import (
     CoordinatorError,
@@ -82,7 +85,6 @@ class Job:
         self._members: dict[str, Member] = {}
         self._next_worker = 0
         self._sum = SyncMean()
-        self._reported: set[str] = set()
         self._stats: list[RoundStats] = []
         self._closed: dict[int, ClosedRound] = {}
         self._pending: PendingModel | None = None
@@ -101,11 +103,14 @@ class Job:
         self.model: Tensor | None = None
         self._elapsed_before = 0.0
         self._started = time.monotonic()
-        self._round_opened = self._started
-        # Sync rounds wait until every requested replica has joined (or start_timeout_s passed), so that
-        # the first rounds are not closed by whichever worker happened to start first.
-        self._gang_ready = spec.optim.mode == "async"
-        self._first_join: float | None = None
+        # When a round closes (coordinator/rounds.py): the job applies the clock's decisions.
+        self._rounds = SyncRounds(
+            spec.replicas,
+            spec.runtime.start_timeout_s,
+            spec.optim.round_deadline_s,
+            gang_ready=spec.optim.mode == "async",  # async replicas never wait for each other
+            opened_at=self._started,
+        )
         if resume is not None:
             self._restore(resume)
         resumed_from = "checkpoint" if resume is not None else None
@@ -260,10 +265,7 @@ class Job:
             duties = self._resume_duties(worker_id, resume_round) if resume else Directives()
             if self.state is JobState.PENDING:
                 self._set_state(JobState.RUNNING)
-            if self._first_join is None:
-                self._first_join = time.monotonic()
-            if len(self._members) >= self.spec.replicas:
-                self._open_gang()
+            self._apply(self._rounds.join(worker_id, time.monotonic()))
             origin = (
                 "offer"
                 if resume
@@ -328,26 +330,28 @@ class Job:
         evaluate = closed.evaluator == worker_id
         return Directives(evaluate=evaluate, export=evaluate and closed.stop, stop=closed.stop)
 
-    def _open_gang(self) -> None:
-        if self._gang_ready:
-            return
-        self._gang_ready = True
-        self._round_opened = time.monotonic()
-        if len(self._members) < self.spec.replicas:
-            log.warning("job %s: starting with %d of %d replicas", self.job_id, len(self._members), self.spec.replicas)
-            # After a restart: replicas that did not come back owe nothing, an eval nobody took is dropped.
-            for replica in set(range(self.spec.replicas)) - {m.replica for m in self._members.values()}:
-                self._owe_nothing_to(replica)
-            if self._resume_eval is not None:
-                self._resume_eval = None
-                if self._evaluator is None:
-                    self._awaiting_eval = None
-        if self._reported and self._reported >= set(self._members):
-            self._close_round()
+    def _apply(self, decisions: list[Decision]) -> None:
+        """Carry out the round clock's decisions (coordinator/rounds.py), in order."""
+        for decision in decisions:
+            if isinstance(decision, GangOpened):
+                self._gang_opened(decision)
+            elif isinstance(decision, CloseRound):
+                if decision.deadline_passed:
+                    log.warning("job %s: round %d deadline passed, closing on who reported", self.job_id, self.round)
+                self._close_round()
         self._cond.notify_all()
 
-    def _all_reported(self) -> bool:
-        return self._gang_ready and bool(self._members) and self._reported >= set(self._members)
+    def _gang_opened(self, gang: GangOpened) -> None:
+        if not gang.short:
+            return
+        log.warning("job %s: starting with %d of %d replicas", self.job_id, gang.members, gang.replicas)
+        # After a restart: replicas that did not come back owe nothing, an eval nobody took is dropped.
+        for replica in set(range(self.spec.replicas)) - {m.replica for m in self._members.values()}:
+            self._owe_nothing_to(replica)
+        if self._resume_eval is not None:
+            self._resume_eval = None
+            if self._evaluator is None:
+                self._awaiting_eval = None
 
     def heartbeat(self, worker_id: str) -> bool:
         with self._cond:
@@ -361,17 +365,19 @@ class Job:
     def expire(self, lease_s: float) -> list[str]:
         """Drop the members whose lease lapsed (no call for ``lease_s`` seconds); returns their ids."""
         with self._cond:
-            cutoff = time.monotonic() - lease_s
-            lapsed = [w for w, m in self._members.items() if m.last_seen < cutoff]
-            for worker_id in lapsed:
+            seen = {worker_id: member.last_seen for worker_id, member in self._members.items()}
+            out = lapsed(seen, time.monotonic(), lease_s)
+            for worker_id in out:
                 log.warning("job %s: worker %s missed its lease (%.0fs): dropping it", self.job_id, worker_id, lease_s)
                 self._drop(worker_id, "lapse")
-            return lapsed
+            return out
 
     def _drop(self, worker_id: str, why: str) -> None:
         member = self._members.pop(worker_id, None)
         if member is None:
             return
+        # The round closes on the live members: the one leaving may be the one everyone waited for.
+        decisions = self._rounds.leave(worker_id, time.monotonic())
         self._emit({"kind": "member", "event": why, "replica": member.replica, "workers": len(self._members)})
         if self.state.terminal:
             return
@@ -383,10 +389,8 @@ class Job:
                 self._finish_model(pending)
         if self._evaluator == worker_id:
             self._awaiting_eval, self._evaluator = None, None
-        self._reported.discard(worker_id)
-        # The round closes on the live members: the one leaving may be the one everyone waited for.
-        if self.spec.optim.mode == "sync" and self._all_reported():
-            self._close_round()
+        if self.spec.optim.mode == "sync":
+            self._apply(decisions)
         self._maybe_finish()
         self._cond.notify_all()
 
@@ -451,16 +455,15 @@ class Job:
                 # Taken back at the round just closed: it ran that round again for the reply it lost.
                 member.rerun_round = None
                 return self._reply(worker_id, member.replica, round) if self._durable(round) else None
-            if round != self.round or worker_id in self._reported:
-                what = "stale" if round < self.round or worker_id in self._reported else "future"
+            reported = self._rounds.reported
+            if round != self.round or worker_id in reported:
+                what = "stale" if round < self.round or worker_id in reported else "future"
                 raise CoordinatorError(
                     "FAILED_PRECONDITION", f"{what} round {round}: job {self.job_id} is in round {self.round}"
                 )
             self._sum.add(mu)
-            self._reported.add(worker_id)
             self._stats.append(stats)
-            if self._all_reported():
-                self._close_round()
+            self._apply(self._rounds.report(worker_id, time.monotonic()))
             return None
 
     def await_round(self, worker_id: str, round: int, timeout: float | None = None) -> ExchangeReply:
@@ -477,18 +480,12 @@ class Job:
             if round in self._closed:  # closed: its round state is being written (round_state.py)
                 self._cond.wait(None if give_up is None else give_up - now)
                 continue
-            if not self._gang_ready:
-                deadline = (self._first_join or now) + self.spec.runtime.start_timeout_s
-                if now >= deadline:
-                    self._open_gang()
-                    continue
-            else:
-                deadline = self._round_opened + self.spec.optim.round_deadline_s
-            if now >= deadline:
-                log.warning("job %s: round %d deadline passed, closing on who reported", self.job_id, round)
-                self._close_round()
+            decisions = self._rounds.tick(now)
+            wait = decisions[-1]
+            if not isinstance(wait, Wait):  # the gang opened or the round closed: look again
+                self._apply(decisions)
                 continue
-            self._cond.wait(min(deadline, give_up or deadline) - now)
+            self._cond.wait(min(wait.until, give_up or wait.until) - now)
         member = self._members.get(worker_id)  # a member dropped while it waited still hears how the round ended
         return self._reply(worker_id, member.replica if member is not None else None, round)
 
@@ -544,7 +541,7 @@ class Job:
                 "train_loss": sum(losses) / len(losses),
                 "consensus_distance": consensus,
                 "workers": workers,
-                "round_seconds": now - self._round_opened,
+                "round_seconds": now - self._rounds.opened_at,
                 "chain_seconds": max(s.chain_seconds for s in self._stats),
             }
         )
@@ -569,9 +566,8 @@ class Job:
         self.last_train_loss = sum(losses) / len(losses)
         self.round = k + 1
         self._sum = SyncMean()
-        self._reported = set()
         self._stats = []
-        self._round_opened = now
+        self._rounds.round_closed(now)
         self._save_round_state(new_round=True)
         self._cond.notify_all()
         self._maybe_finish()
@@ -587,9 +583,7 @@ class Job:
         member.round += 1
         self._stats.append(stats)
         evaluate = False
-        # One job round = one report per replica (n reports, whoever sends them): the clock for evals and
-        # checkpoints, so the last round closes on the job's last exchange.
-        if len(self._stats) >= self.spec.replicas and self.round < schedule.total_rounds:
+        if async_round_closes(len(self._stats), self.spec.replicas, self.round, schedule.total_rounds):
             self._sum.add(self.center)
             closed = self._close_round(evaluator_hint=member.worker_id)
             evaluate = closed.evaluator == member.worker_id
