@@ -353,6 +353,18 @@ class Job:
             if self._evaluator is None:
                 self._awaiting_eval = None
 
+    def open_gang_if_due(self) -> None:
+        """Start without the replicas still missing once ``runtime.start_timeout_s`` has passed since the
+        first join, even while no worker waits on a round to ask: after a restart that came after the last
+        round, the workers taken back only gather the last model, and one that had already exited never
+        comes back. The job manager's reaper calls this."""
+        with self._cond:
+            if self.state.terminal or self._rounds.gang_ready or self._rounds.first_join is None:
+                return
+            decisions = self._rounds.tick(time.monotonic())
+            if not isinstance(decisions[-1], Wait):
+                self._apply(decisions)
+
     def heartbeat(self, worker_id: str) -> bool:
         with self._cond:
             self._member(worker_id)

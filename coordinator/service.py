@@ -238,6 +238,10 @@ class JobManager:
             for job in jobs:
                 if not job.state.terminal:
                     job.expire(job.spec.runtime.lease_s)
+                    try:
+                        job.open_gang_if_due()
+                    except Exception:  # e.g. a checkpoint that cannot be written: the reaper must go on
+                        log.exception("job %s: could not start without its missing replicas", job.job_id)
             self._release_finished()
 
     def _release_finished(self) -> None:

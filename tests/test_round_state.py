@@ -5,6 +5,7 @@ round's reply runs it again and gets the saved center, a lost round line is logg
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -139,3 +140,30 @@ def test_replica_back_without_its_state_joins_from_the_checkpoint_and_owes_nothi
     assert not fresh.resume and fresh.replica_state is not None and fresh.values.round == 6
     assert torch.equal(fresh.replica_state["x"], torch.full((SIZE,), 2.0 + 3))
     assert torch.equal(a.fetch_model(5), torch.full((SIZE,), 1.0))  # round 5's model: a's x alone
+
+
+@pytest.mark.timeout(60)
+def test_after_the_last_round_the_model_is_gathered_from_the_workers_that_come_back(tmp_path: Path) -> None:
+    spec = small_spec(**SPEC, runtime={"lease_s": 30, "start_timeout_s": 0.2})
+    job_dir = tmp_path / "job"
+    first = Job("j", spec, job_dir, persist_rounds=True)
+    a, b = InProcessTransport(first, timeout_s=30), InProcessTransport(first, timeout_s=30)
+    a.join("a", "cpu", 0), b.join("b", "cpu", 1)
+    for k in range(7):
+        run_round(first, a, b, k)
+    run_round(first, a, b, 7, uploads=False)  # the last round closed; b uploads, leaves and exits, then the crash
+    first.close()
+    job = Job("j", spec, job_dir, round_state=load_round_state(job_dir / FILE), persist_rounds=True)
+    a = InProcessTransport(job, timeout_s=30)
+    grant = a.join("a", "cpu", 0, resume_round=8)
+    assert grant.resume and grant.resume_duties.evaluate and grant.resume_duties.export and grant.resume_duties.stop
+    a.offer_state(8, _state(1.0))
+    deadline = time.monotonic() + 30
+    while job.model is None or not torch.equal(job.model, torch.full((SIZE,), 1.0)):
+        assert time.monotonic() < deadline, "the gang never opened without b"
+        time.sleep(0.05)
+        job.open_gang_if_due()  # the coordinator's reaper does this every half second
+    a.fetch_model(7)
+    a.report_eval(EvalReport(7, 2.0, {"test": (1.0, 0.5)}, {"w": torch.zeros(2)}))
+    assert job.wait(timeout=30).value == "succeeded" and (job_dir / "final.safetensors").is_file()
+    job.close()
