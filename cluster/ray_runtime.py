@@ -55,8 +55,11 @@ class CoordinatorActor:
 
             start_http_server(metrics_port, addr=ray.util.get_node_ip_address())
 
-    def join(self, name: str, device: str, want_replica: int | None) -> JoinGrant:
-        return self.job.join(name, device, want_replica)
+    def join(self, name: str, device: str, want_replica: int | None, resume_round: int | None = None) -> JoinGrant:
+        return self.job.join(name, device, want_replica, resume_round)
+
+    def offer_state(self, worker_id: str, round: int, state: dict[str, Tensor]) -> None:
+        self.job.offer_state(worker_id, round, state)
 
     def exchange(
         self, worker_id: str, round: int, mu: Tensor, stats: RoundStats

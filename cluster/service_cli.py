@@ -144,6 +144,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
             serve_forever=args.job is None,
             reconnect_s=args.reconnect_s,
             trust=Trust.of(args.allow_code, args.data_dir),
+            offer_on_rejoin=args.job is not None,  # a pool worker may be handed another job on rejoin
         )
         stop = threading.Event()
         _on_signals(stop)

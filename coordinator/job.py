@@ -7,7 +7,9 @@ elastic step, gathered from the workers on the rounds that need it (evaluation, 
 the center itself.
 
 Transport-agnostic and thread-safe: the in-process transport calls it from worker threads, the gRPC
-server from its handler threads. Every request is validated before it touches state, so a rejected
+server from its handler threads. When a round closes (gang, reports, leaves, leases, deadlines) is decided
+by ``coordinator.rounds`` (pure, tested with made-up times); this class applies the decisions under its
+lock. Every request is validated before it touches state, so a rejected
 update never changes the center or the model. Events (rounds, evals, checkpoints, state changes) go to
 ``metrics.jsonl`` in the job directory and to listeners (progress bars, metrics).
 """
@@ -25,10 +27,14 @@ import torch
 from torch import Tensor
 
 from coordinator.checkpoint import Checkpoint, CheckpointStore, CheckpointWriteError, pack_job_state, unpack_job_state
-from coordinator.events import MetricsLog, save_tensors
+from coordinator.events import MetricsLog, read_events, save_tensors
 from coordinator.job_records import ClosedRound, JobState, Member, PendingModel
 from coordinator.logtext import capped
 from coordinator.reference import SyncMean, easgd_center_step_
+from coordinator.replica_check import check_replica_state
+from coordinator.round_state import FILE as ROUND_STATE_FILE
+from coordinator.round_state import RoundState, RoundStateWriter
+from coordinator.rounds import CloseRound, Decision, GangOpened, SyncRounds, Wait, async_round_closes, lapsed
 from coordinator.schedules import Schedule, first_values
 from protos.messages import (
     CoordinatorError,
@@ -54,7 +60,13 @@ class Job:
         listeners: list[Listener] | None = None,
         resume: Checkpoint | None = None,
         train_size: int | None = None,
+        *,
+        round_state: RoundState | None = None,
+        persist_rounds: bool = False,
     ) -> None:
+        """``resume``: the latest checkpoint; ``round_state``: the round state a previous coordinator saved
+        (round_state.py), newer than it. ``persist_rounds`` (the service): save the round state after every
+        closed sync round, so that a restart resumes at the round the job was in."""
         self.job_id = job_id
         self.spec = spec
         # The schedule's unit is the training set's size, which comes from the data: known up front when the
@@ -67,11 +79,13 @@ class Job:
         self.state = JobState.PENDING
         self.message = ""
         self._cond = threading.Condition()
+        # Events reach the log and the listeners one at a time, in order: rounds are published by the
+        # round-state writer thread, everything else under the job's lock.
+        self._publishing = threading.Lock()
         self._closing = False  # close(): the coordinator is stopping or has let go of the job
         self._members: dict[str, Member] = {}
         self._next_worker = 0
         self._sum = SyncMean()
-        self._reported: set[str] = set()
         self._stats: list[RoundStats] = []
         self._closed: dict[int, ClosedRound] = {}
         self._pending: PendingModel | None = None
@@ -82,18 +96,29 @@ class Job:
         self.last_train_loss: float | None = None
         self.last_test_error: float | None = None
         self._saved_states: dict[int, dict[str, Tensor]] = {}
+        self._model_round = -1  # the closed round whose gathered model self.model is
+        self._resume_eval: int | None = None  # restored: an eval of this round is owed to the first rejoiner
+        self._last_round_event: dict[str, Any] | None = None
         self.round = 0
         self.center: Tensor | None = None
         self.model: Tensor | None = None
         self._elapsed_before = 0.0
         self._started = time.monotonic()
-        self._round_opened = self._started
-        # Sync rounds wait until every requested replica has joined (or start_timeout_s passed), so that
-        # the first rounds are not closed by whichever worker happened to start first.
-        self._gang_ready = spec.optim.mode == "async"
-        self._first_join: float | None = None
+        # When a round closes (coordinator/rounds.py): the job applies the clock's decisions.
+        self._rounds = SyncRounds(
+            spec.replicas,
+            spec.runtime.start_timeout_s,
+            spec.optim.round_deadline_s,
+            gang_ready=spec.optim.mode == "async",  # async replicas never wait for each other
+            opened_at=self._started,
+        )
         if resume is not None:
             self._restore(resume)
+        resumed_from = "checkpoint" if resume is not None else None
+        relog: dict[str, Any] | None = None
+        if round_state is not None and round_state.round >= self.round and spec.optim.mode == "sync":
+            relog = self._restore_round_state(round_state, resume)
+            resumed_from = "round-state"
         if train_size is not None:
             if self.train_size is not None and train_size != self.train_size:
                 raise CoordinatorError(
@@ -103,6 +128,17 @@ class Job:
                 )
             self._learn_train_size(train_size, "the runtime")
         self.log = MetricsLog(self.directory / "metrics.jsonl", keep_below_round=self.round)
+        if relog is not None:  # the crash came between saving the round state and logging its round
+            self._publish(relog)
+        if resumed_from is not None:
+            checkpoint_round = resume.round if resume is not None else None
+            self._emit({"kind": "resume", "round": self.round, "from": resumed_from, "checkpoint": checkpoint_round})
+        # Sync replies wait until the round state naming the next round is on disk (_await_close).
+        self._persist = persist_rounds and spec.optim.mode == "sync"
+        self._durable_round = self.round
+        self._writer = (
+            RoundStateWriter(self.directory / ROUND_STATE_FILE, self._round_state_written) if self._persist else None
+        )
 
     # ----- helpers -------------------------------------------------------------------------------
 
@@ -110,10 +146,16 @@ class Job:
         return self._elapsed_before + time.monotonic() - self._started
 
     def _emit(self, event: dict[str, Any]) -> None:
-        event = {"job": self.job_id, "time": round(self.elapsed(), 4), **event}
-        self.log.write(event)
-        for listener in self.listeners:
-            listener(event)
+        self._publish(self._stamp(event))
+
+    def _stamp(self, event: dict[str, Any]) -> dict[str, Any]:
+        return {"job": self.job_id, "time": round(self.elapsed(), 4), **event}
+
+    def _publish(self, event: dict[str, Any]) -> None:
+        with self._publishing:
+            self.log.write(event)
+            for listener in self.listeners:
+                listener(event)
 
     def _set_state(self, state: JobState, message: str = "") -> None:
         self.state, self.message = state, message
@@ -186,10 +228,15 @@ class Job:
         """Every round has closed (final duties such as the last eval may still be running)."""
         return self.schedule is not None and self.round >= self.schedule.total_rounds
 
-    def join(self, name: str, device: str, want_replica: int | None = None) -> JoinGrant:
+    def join(
+        self, name: str, device: str, want_replica: int | None = None, resume_round: int | None = None
+    ) -> JoinGrant:
+        """Make a member. ``resume_round``: the worker holds its replica's state at the start of that round
+        (it lost its coordinator); it is taken back with it when it asks for its old replica and the round
+        is this job's round or the one just closed (``_can_resume``), else it joins like anyone else."""
         with self._cond:
             self._require_running()
-            if self.rounds_done:
+            if self.rounds_done and not (resume_round is not None and self._final_duties_owed()):
                 raise CoordinatorError("FAILED_PRECONDITION", f"job {self.job_id} has run all its rounds")
             taken = {m.replica for m in self._members.values()}
             free = [r for r in range(self.spec.replicas) if r not in taken]
@@ -198,50 +245,128 @@ class Job:
                     "RESOURCE_EXHAUSTED", f"job {self.job_id} already has all {self.spec.replicas} replicas"
                 )
             replica = want_replica if want_replica in free else free[0]
+            resume = resume_round is not None and replica == want_replica and self._can_resume(resume_round)
             worker_id = f"w{self._next_worker}"
             self._next_worker += 1
-            self._members[worker_id] = Member(worker_id, name, replica, device, time.monotonic(), self.round)
+            member = Member(worker_id, name, replica, device, time.monotonic(), self.round)
+            self._members[worker_id] = member
             saved = self._saved_states.pop(replica, None)
+            if resume:
+                saved = None  # the worker's own state is newer than the checkpoint's
+                member.offer_round = resume_round
+                if resume_round == self.round - 1:
+                    member.rerun_round = resume_round
+            else:
+                self._owe_nothing_to(replica)
             # A newcomer starts from the model (async: the center, which is the model); before the first model
             # exists, from the center.
             latest = self.model if self.model is not None else self.center
-            start = None if latest is None or saved is not None else latest.clone()
+            start = None if latest is None or saved is not None or resume else latest.clone()
             seed_center = self.spec.optim.mode == "async" and self.center is None
+            duties = self._resume_duties(worker_id, resume_round) if resume else Directives()
             if self.state is JobState.PENDING:
                 self._set_state(JobState.RUNNING)
-            if self._first_join is None:
-                self._first_join = time.monotonic()
-            if len(self._members) >= self.spec.replicas:
-                self._open_gang()
-            origin = "checkpoint" if saved is not None else "reference" if start is not None else "fresh"
+            self._apply(self._rounds.join(worker_id, time.monotonic()))
+            origin = (
+                "offer"
+                if resume
+                else "checkpoint"
+                if saved is not None
+                else "reference"
+                if start is not None
+                else "fresh"
+            )
             self._emit(
                 {"kind": "member", "event": "join", "replica": replica, "workers": len(self._members), "start": origin}
             )
-            log.info("job %s: %s joined as replica %d (%s)", self.job_id, capped(name), replica, capped(device))
+            log.info(
+                "job %s: %s joined as replica %d (%s, %s)", self.job_id, capped(name), replica, capped(device), origin
+            )
             return JoinGrant(
                 worker_id=worker_id,
                 job_id=self.job_id,
                 replica=replica,
                 spec=self.spec,
-                values=self._values(self.round),
+                values=self._values(resume_round if resume and resume_round is not None else self.round),
                 start=start,
                 replica_state=saved,
                 seed_center=seed_center,
+                resume=resume,
+                resume_duties=duties,
             )
 
-    def _open_gang(self) -> None:
-        if self._gang_ready:
-            return
-        self._gang_ready = True
-        self._round_opened = time.monotonic()
-        if len(self._members) < self.spec.replicas:
-            log.warning("job %s: starting with %d of %d replicas", self.job_id, len(self._members), self.spec.replicas)
-        if self._reported and self._reported >= set(self._members):
-            self._close_round()
+    def _can_resume(self, round: int) -> bool:
+        """Sync only: a worker at this round has applied every closed round's center; one at the round just
+        closed lost that round's reply and runs it again (the same chain: its state holds its random
+        streams) to be handed the closed round's center. Async replicas move on their own clocks: they
+        rejoin from the model."""
+        if self.spec.optim.mode != "sync":
+            return False
+        return round == self.round or (round == self.round - 1 and round in self._closed)
+
+    def _final_duties_owed(self) -> bool:
+        return self._pending is not None or self._awaiting_eval is not None
+
+    def _owe_nothing_to(self, replica: int) -> None:
+        """A replica that comes back without its own state (its worker died with the coordinator) cannot
+        upload the x of a round it did not run: the model being gathered is the mean of the others'."""
+        pending = self._pending
+        if pending is not None and pending.round < self.round and replica not in pending.reported:
+            pending.expected.discard(replica)
+            if pending.complete:
+                self._finish_model(pending)
+
+    def _resume_duties(self, worker_id: str, resume_round: int | None) -> Directives:
+        """A worker taken back at the coordinator's round owes the duties of the round closed just before
+        that a restart lost (its offer covers the model's x and the checkpoint's state); an evaluation of
+        that round still owed goes to the first worker taken back."""
+        k = self.round - 1
+        closed = self._closed.get(k)
+        if closed is None:
+            return Directives()
+        if self._resume_eval == k and closed.evaluator is None:
+            closed.evaluator = worker_id
+            self._evaluator, self._eval_duties[k] = worker_id, worker_id
+            self._resume_eval = None
+        if resume_round != self.round:  # it runs round k again: its exchange reply carries the duties
+            return Directives()
+        evaluate = closed.evaluator == worker_id
+        return Directives(evaluate=evaluate, export=evaluate and closed.stop, stop=closed.stop)
+
+    def _apply(self, decisions: list[Decision]) -> None:
+        """Carry out the round clock's decisions (coordinator/rounds.py), in order."""
+        for decision in decisions:
+            if isinstance(decision, GangOpened):
+                self._gang_opened(decision)
+            elif isinstance(decision, CloseRound):
+                if decision.deadline_passed:
+                    log.warning("job %s: round %d deadline passed, closing on who reported", self.job_id, self.round)
+                self._close_round()
         self._cond.notify_all()
 
-    def _all_reported(self) -> bool:
-        return self._gang_ready and bool(self._members) and self._reported >= set(self._members)
+    def _gang_opened(self, gang: GangOpened) -> None:
+        if not gang.short:
+            return
+        log.warning("job %s: starting with %d of %d replicas", self.job_id, gang.members, gang.replicas)
+        # After a restart: replicas that did not come back owe nothing, an eval nobody took is dropped.
+        for replica in set(range(self.spec.replicas)) - {m.replica for m in self._members.values()}:
+            self._owe_nothing_to(replica)
+        if self._resume_eval is not None:
+            self._resume_eval = None
+            if self._evaluator is None:
+                self._awaiting_eval = None
+
+    def open_gang_if_due(self) -> None:
+        """Start without the replicas still missing once ``runtime.start_timeout_s`` has passed since the
+        first join, even while no worker waits on a round to ask: after a restart that came after the last
+        round, the workers taken back only gather the last model, and one that had already exited never
+        comes back. The job manager's reaper calls this."""
+        with self._cond:
+            if self.state.terminal or self._rounds.gang_ready or self._rounds.first_join is None:
+                return
+            decisions = self._rounds.tick(time.monotonic())
+            if not isinstance(decisions[-1], Wait):
+                self._apply(decisions)
 
     def heartbeat(self, worker_id: str) -> bool:
         with self._cond:
@@ -255,17 +380,19 @@ class Job:
     def expire(self, lease_s: float) -> list[str]:
         """Drop the members whose lease lapsed (no call for ``lease_s`` seconds); returns their ids."""
         with self._cond:
-            cutoff = time.monotonic() - lease_s
-            lapsed = [w for w, m in self._members.items() if m.last_seen < cutoff]
-            for worker_id in lapsed:
+            seen = {worker_id: member.last_seen for worker_id, member in self._members.items()}
+            out = lapsed(seen, time.monotonic(), lease_s)
+            for worker_id in out:
                 log.warning("job %s: worker %s missed its lease (%.0fs): dropping it", self.job_id, worker_id, lease_s)
                 self._drop(worker_id, "lapse")
-            return lapsed
+            return out
 
     def _drop(self, worker_id: str, why: str) -> None:
         member = self._members.pop(worker_id, None)
         if member is None:
             return
+        # The round closes on the live members: the one leaving may be the one everyone waited for.
+        decisions = self._rounds.leave(worker_id, time.monotonic())
         self._emit({"kind": "member", "event": why, "replica": member.replica, "workers": len(self._members)})
         if self.state.terminal:
             return
@@ -277,10 +404,8 @@ class Job:
                 self._finish_model(pending)
         if self._evaluator == worker_id:
             self._awaiting_eval, self._evaluator = None, None
-        self._reported.discard(worker_id)
-        # The round closes on the live members: the one leaving may be the one everyone waited for.
-        if self.spec.optim.mode == "sync" and self._all_reported():
-            self._close_round()
+        if self.spec.optim.mode == "sync":
+            self._apply(decisions)
         self._maybe_finish()
         self._cond.notify_all()
 
@@ -341,16 +466,19 @@ class Job:
                 )
             if self.spec.optim.mode == "async":
                 return self._exchange_async(member, round, mu, stats)
-            if round != self.round or worker_id in self._reported:
-                what = "stale" if round < self.round or worker_id in self._reported else "future"
+            if member.rerun_round == round and round == self.round - 1 and round in self._closed:
+                # Taken back at the round just closed: it ran that round again for the reply it lost.
+                member.rerun_round = None
+                return self._reply(worker_id, member.replica, round) if self._durable(round) else None
+            reported = self._rounds.reported
+            if round != self.round or worker_id in reported:
+                what = "stale" if round < self.round or worker_id in reported else "future"
                 raise CoordinatorError(
                     "FAILED_PRECONDITION", f"{what} round {round}: job {self.job_id} is in round {self.round}"
                 )
             self._sum.add(mu)
-            self._reported.add(worker_id)
             self._stats.append(stats)
-            if self._all_reported():
-                self._close_round()
+            self._apply(self._rounds.report(worker_id, time.monotonic()))
             return None
 
     def await_round(self, worker_id: str, round: int, timeout: float | None = None) -> ExchangeReply:
@@ -359,31 +487,40 @@ class Job:
 
     def _await_close(self, worker_id: str, round: int, timeout: float | None) -> ExchangeReply:
         give_up = None if timeout is None else time.monotonic() + timeout
-        while round not in self._closed:
+        while round not in self._closed or not self._durable(round):
             self._require_running()
             now = time.monotonic()
-            if not self._gang_ready:
-                deadline = (self._first_join or now) + self.spec.runtime.start_timeout_s
-                if now >= deadline:
-                    self._open_gang()
-                    continue
-            else:
-                deadline = self._round_opened + self.spec.optim.round_deadline_s
-            if now >= deadline:
-                log.warning("job %s: round %d deadline passed, closing on who reported", self.job_id, round)
-                self._close_round()
-                break
             if give_up is not None and now >= give_up:
                 raise CoordinatorError("DEADLINE_EXCEEDED", f"round {round} did not close in {timeout}s")
-            self._cond.wait(min(deadline, give_up or deadline) - now)
+            if round in self._closed:  # closed: its round state is being written (round_state.py)
+                self._cond.wait(None if give_up is None else give_up - now)
+                continue
+            decisions = self._rounds.tick(now)
+            wait = decisions[-1]
+            if not isinstance(wait, Wait):  # the gang opened or the round closed: look again
+                self._apply(decisions)
+                continue
+            self._cond.wait(min(wait.until, give_up or wait.until) - now)
+        member = self._members.get(worker_id)  # a member dropped while it waited still hears how the round ended
+        return self._reply(worker_id, member.replica if member is not None else None, round)
+
+    def _durable(self, round: int) -> bool:
+        """The round state naming the round after ``round`` is on disk (always, when rounds are not saved)."""
+        return not self._persist or self._durable_round > round
+
+    def _reply(self, worker_id: str, replica: int | None, round: int) -> ExchangeReply:
+        """A closed round's result for one member, with its duties: it uploads its x (or its whole state) only
+        while the round's model still lacks its replica's."""
         closed = self._closed[round]
+        pending = self._pending
+        owes = pending is not None and pending.round == round and replica in pending.expected - pending.reported
         evaluate = closed.evaluator == worker_id
         directives = Directives(
             evaluate=evaluate,
             export=evaluate and closed.stop,
-            checkpoint=closed.checkpoint,
+            checkpoint=closed.checkpoint and owes,
             stop=closed.stop,
-            model=closed.model,
+            model=closed.model and owes,
         )
         return ExchangeReply(round, closed.reference, closed.next_values, directives)
 
@@ -408,7 +545,7 @@ class Job:
         values = schedule.values(k)
         losses = [s.train_loss for s in self._stats]
         now = time.monotonic()
-        self._emit(
+        event = self._stamp(
             {
                 "kind": "round",
                 "round": k,
@@ -419,10 +556,13 @@ class Job:
                 "train_loss": sum(losses) / len(losses),
                 "consensus_distance": consensus,
                 "workers": workers,
-                "round_seconds": now - self._round_opened,
+                "round_seconds": now - self._rounds.opened_at,
                 "chain_seconds": max(s.chain_seconds for s in self._stats),
             }
         )
+        self._last_round_event = event
+        if not self._persist:
+            self._publish(event)  # else once the round state is on disk: the log never runs ahead of it
         self.center = center
         if not sync:  # a snapshot: the live center moves on with every exchange
             self.model = center.clone()
@@ -441,9 +581,9 @@ class Job:
         self.last_train_loss = sum(losses) / len(losses)
         self.round = k + 1
         self._sum = SyncMean()
-        self._reported = set()
         self._stats = []
-        self._round_opened = now
+        self._rounds.round_closed(now)
+        self._save_round_state(new_round=True)
         self._cond.notify_all()
         self._maybe_finish()
         return closed
@@ -458,9 +598,7 @@ class Job:
         member.round += 1
         self._stats.append(stats)
         evaluate = False
-        # One job round = one report per replica (n reports, whoever sends them): the clock for evals and
-        # checkpoints, so the last round closes on the job's last exchange.
-        if len(self._stats) >= self.spec.replicas and self.round < schedule.total_rounds:
+        if async_round_closes(len(self._stats), self.spec.replicas, self.round, schedule.total_rounds):
             self._sum.add(self.center)
             closed = self._close_round(evaluator_hint=member.worker_id)
             evaluate = closed.evaluator == member.worker_id
@@ -509,9 +647,9 @@ class Job:
         rounds); async, before round 0, the shared start that becomes the center."""
         with self._cond:
             member = self._member(worker_id)
-            x = state.get("x")
-            if x is None:
-                raise CoordinatorError("INVALID_ARGUMENT", f"replica state from {worker_id} has no 'x'")
+            what = f"replica state from {worker_id} (replica {member.replica}, round {round})"
+            self._check_state(state, what, whole=False)
+            x = state["x"]
             self._check_tensor(x, f"replica {member.replica}'s weights x")
             if self.spec.optim.mode == "async":  # the shared start; a second replica's copy of it is moot
                 if self.center is None:
@@ -524,16 +662,45 @@ class Job:
                     "FAILED_PRECONDITION", f"no model is being gathered from {worker_id} at round {round}"
                 )
             if pending.checkpoint:
-                missing = sorted({"outer_buf", "outer_steps", "sampler"} - state.keys())
-                if missing:
-                    raise CoordinatorError(
-                        "INVALID_ARGUMENT", f"replica state from {worker_id} lacks {', '.join(missing)} at a checkpoint"
-                    )
-                pending.states[member.replica] = state
-            pending.total.add(x)
-            pending.reported.add(member.replica)
-            if pending.complete:
-                self._finish_model(pending)
+                self._check_state(state, f"{what} at a checkpoint", whole=True)
+            self._add_to_model(pending, member.replica, state)
+            self._maybe_finish()
+
+    def _check_state(self, state: dict[str, Tensor], what: str, *, whole: bool) -> None:
+        model = self.center if self.center is not None else self.model
+        elements, dtype = (None, None) if model is None else (model.numel(), model.dtype)
+        check_replica_state(state, elements, dtype, whole=whole, what=what)
+
+    def _add_to_model(self, pending: PendingModel, replica: int, state: dict[str, Tensor]) -> None:
+        """One replica's x (its whole state on checkpoint rounds) after the elastic step of ``pending.round``."""
+        if pending.checkpoint:
+            pending.states[replica] = state
+        pending.total.add(state["x"])
+        pending.reported.add(replica)
+        if pending.complete:
+            self._finish_model(pending)
+
+    def offer_state(self, worker_id: str, round: int, state: dict[str, Tensor]) -> None:
+        """The whole state, at the start of ``round``, of a worker taken back with it (join with
+        ``resume_round``). At the job's round it is the state after the elastic step of the round before:
+        what that round's model (and checkpoint) still lacks from this replica, if anything."""
+        with self._cond:
+            self._require_running()
+            member = self._member(worker_id)
+            if member.offer_round != round:
+                raise CoordinatorError(
+                    "FAILED_PRECONDITION", f"no replica state offer at round {round} is awaited from {worker_id}"
+                )
+            what = f"replica state offered by {worker_id} (replica {member.replica}, round {round})"
+            self._check_state(state, what, whole=True)
+            self._check_tensor(state["x"], f"{what}: x")
+            member.offer_round = None
+            if round < self.round:
+                return  # it runs the round just closed again; its exchange reply says what it owes
+            pending = self._pending
+            owed = pending is not None and pending.round == round - 1
+            if pending is not None and owed and member.replica in pending.expected - pending.reported:
+                self._add_to_model(pending, member.replica, state)
             self._maybe_finish()
 
     def _finish_model(self, pending: PendingModel) -> None:
@@ -542,13 +709,40 @@ class Job:
             model, _ = pending.total.finish()
         else:  # every replica left before uploading: the last model we had, or the center
             model = self.model if self.model is not None else pending.center
-        self.model = model
+        self.model, self._model_round = model, pending.round
         self._models[pending.round] = model
         self._models.pop(pending.round - 2, None)
         self._pending = None
         if pending.checkpoint:
             self._write_checkpoint(pending.round + 1, pending.states, pending.center)
+        self._save_round_state(new_round=False)
         self._cond.notify_all()
+
+    def _save_round_state(self, new_round: bool) -> None:
+        """Hand the round, the center and the model to the writer thread (no I/O under the lock: the
+        tensors are not changed in place in sync mode, the writer reads them as they are)."""
+        if self._writer is None or self.center is None:
+            return
+        self._writer.submit(
+            RoundState(
+                round=self.round,
+                center=self.center,
+                model=self.model if self.model is not None else self.center,
+                model_round=self._model_round,
+                elapsed=self.elapsed(),
+                train_size=self.train_size,
+                round_event=self._last_round_event,
+            ),
+            new_round,
+        )
+
+    def _round_state_written(self, state: RoundState, new_round: bool) -> None:
+        """On the writer thread, without the lock: log the round, then release its waiters."""
+        if new_round and state.round_event is not None:
+            self._publish(state.round_event)
+        with self._cond:
+            self._durable_round = max(self._durable_round, state.round)
+            self._cond.notify_all()
 
     def fetch_model(self, worker_id: str, round: int, timeout: float | None = None) -> Tensor:
         """The model of closed round ``round`` once every replica has uploaded its x (the evaluator's input)."""
@@ -609,6 +803,9 @@ class Job:
         with self._cond:
             self._closing = True
             self._cond.notify_all()
+        if self._writer is not None:
+            self._writer.close()  # what is queued is written; its callback takes the lock, so not held here
+        with self._cond:
             self.log.close()
 
     def drop_replica(self, replica: int, why: str = "lost") -> None:
@@ -633,3 +830,44 @@ class Job:
             self._learn_train_size(size, "the checkpoint")
         self._elapsed_before = float(ckpt.meta.get("elapsed", 0.0))
         log.info("job %s: resuming at round %d from %s", self.job_id, self.round, ckpt.path)
+
+    def _restore_round_state(self, saved: RoundState, ckpt: Checkpoint | None) -> dict[str, Any] | None:
+        """Resume at the round the previous coordinator was in (sync). The round just closed is rebuilt from
+        the schedule: its center answers workers that run it again, and what it still owed (its model, its
+        checkpoint, its evaluation) is gathered from the workers that come back. Returns the round's event
+        if the log lacks it (the crash came between saving and logging)."""
+        checkpoint_round = ckpt.round if ckpt is not None else 0
+        # Saved after the checkpoint of the same round (if any), so its model is at least as new.
+        self.round, self.center, self.model, self._model_round = (
+            saved.round,
+            saved.center,
+            saved.model,
+            saved.model_round,
+        )
+        if saved.train_size is not None:
+            self._learn_train_size(saved.train_size, "the round state")
+        self._elapsed_before = max(self._elapsed_before, saved.elapsed)
+        log.info("job %s: resuming at round %d from its round state", self.job_id, self.round)
+        k = self.round - 1
+        schedule = self.schedule
+        if k < 0 or schedule is None:
+            return None
+        if self._model_round == k:
+            self._models[k] = saved.model
+        needs_model = schedule.model_due(k) and self._model_round < k
+        needs_checkpoint = schedule.checkpoint_due(k) and checkpoint_round < self.round
+        self._closed[k] = ClosedRound(
+            saved.center, schedule.values(self.round), None, needs_checkpoint, schedule.is_last(k), needs_model
+        )
+        if needs_model:
+            replicas = set(range(self.spec.replicas))
+            self._pending = PendingModel(k, saved.center, replicas, needs_checkpoint and needs_model)
+        logged = read_events(self.directory / "metrics.jsonl")
+        evaluated = any(e.get("kind") == "eval" and e.get("round") == k for e in logged)
+        exported = not schedule.is_last(k) or (self.directory / "final.safetensors").is_file()
+        if schedule.eval_due(k) and not (evaluated and exported):
+            self._resume_eval = self._awaiting_eval = k
+        if any(e.get("kind") == "round" and e.get("round") == k for e in logged):
+            return None
+        self._last_round_event = saved.round_event
+        return saved.round_event

@@ -31,6 +31,8 @@ class Member:
     device: str
     last_seen: float
     round: int  # async: this worker's own round
+    offer_round: int | None = None  # taken back with its own state at this round: its offer is awaited
+    rerun_round: int | None = None  # taken back at the round just closed: it runs it again for the reply
 
 
 @dataclass

@@ -410,8 +410,11 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         _require(bool(request.worker_name.strip()), "worker_name is empty")
         job = self.manager.assign(request.job_id or None)
         want = request.replica_index if request.HasField("replica_index") else None
-        grant = job.join(request.worker_name[:200], request.device[:40] or "cpu", want)
-        if grant.replica_state is not None:
+        resume_round = request.resume_round if request.HasField("resume_round") else None
+        grant = job.join(request.worker_name[:200], request.device[:40] or "cpu", want, resume_round)
+        if grant.resume:
+            start, named = pb.START_KIND_OWN_STATE, []
+        elif grant.replica_state is not None:
             start, named = pb.START_KIND_REPLICA_STATE, sorted(grant.replica_state.items())
         elif grant.start is not None:
             start, named = pb.START_KIND_REFERENCE, [("reference", grant.start)]
@@ -430,6 +433,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             tensors=encoded.headers,
             upload_compression=COMPRESSION[grant.spec.runtime.compression],
             seed_center=grant.seed_center,
+            resume_duties=directives_to_pb(grant.resume_duties),
         )
         yield pb.JoinChunk(header=header)
         yield from tensor_chunks(encoded.chunks, pb.JoinChunk)
@@ -510,12 +514,13 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             nbytes = declared_bytes(head.tensors, self.limits.budget.limit, what)
             with self.limits.budget.hold(nbytes, what, self.limits.uploads.idle_s, context):
                 chunks = full_chunks(head.tensors, messages, what)
-                tensors = receive_tensors(
-                    head.tensors, chunks, require_finite=head.state_kind == pb.STATE_KIND_REPLICA, context=what
-                )
+                replica = head.state_kind in (pb.STATE_KIND_REPLICA, pb.STATE_KIND_OFFER)
+                tensors = receive_tensors(head.tensors, chunks, require_finite=replica, context=what)
                 expect_end(chunks, what)
                 if head.state_kind == pb.STATE_KIND_REPLICA:
                     job.report_state(head.worker_id, head.round, tensors)
+                elif head.state_kind == pb.STATE_KIND_OFFER:
+                    job.offer_state(head.worker_id, head.round, tensors)
                 if head.evals or head.state_kind == pb.STATE_KIND_MODEL:
                     for e in head.evals:
                         _require(e.split in SPLIT_NAMES, f"eval split {e.split} is not train, validation or test")

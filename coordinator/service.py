@@ -23,6 +23,8 @@ from coordinator import metrics
 from coordinator.checkpoint import CheckpointStore, write_atomic_text
 from coordinator.job import Job, JobState
 from coordinator.registry import JobRecord, Registry
+from coordinator.round_state import FILE as ROUND_STATE_FILE
+from coordinator.round_state import load_round_state
 from protos.messages import CoordinatorError
 from protos.spec import JobSpec, SpecError, resolve
 
@@ -100,8 +102,13 @@ class JobManager:
     def _open(self, job_id: str, spec: JobSpec, resume: bool, directory: Path | None = None) -> Job:
         directory = directory or self.job_dir(job_id)
         ckpt = CheckpointStore(directory / "checkpoints").latest() if resume else None
+        # Saved every round (sync): a restart resumes at the round the job was in, the workers offering
+        # their replicas back; the checkpoint remains for replicas whose worker is gone too.
+        round_state = load_round_state(directory / ROUND_STATE_FILE) if resume else None
         listeners = [*self._listeners(job_id), self._recorder(job_id)]
-        job = Job(job_id, spec, directory, listeners=listeners, resume=ckpt)
+        job = Job(
+            job_id, spec, directory, listeners=listeners, resume=ckpt, round_state=round_state, persist_rounds=True
+        )
         self._jobs[job_id] = job
         return job
 
@@ -234,6 +241,10 @@ class JobManager:
             for job in jobs:
                 if not job.state.terminal:
                     job.expire(job.spec.runtime.lease_s)
+                    try:
+                        job.open_gang_if_due()
+                    except Exception:  # e.g. a checkpoint that cannot be written: the reaper must go on
+                        log.exception("job %s: could not start without its missing replicas", job.job_id)
             self._release_finished()
 
     def _release_finished(self) -> None:

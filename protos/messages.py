@@ -48,6 +48,11 @@ class JoinGrant:
     replica_state: dict[str, Tensor] | None = None  # exact state saved in a checkpoint (resume)
     lease_s: float = 30.0
     seed_center: bool = False  # async job without a center yet: report_state(0, {"x": start}) before round 0
+    # The coordinator took the worker back at the round its own state is at (join with resume_round): keep
+    # that state, offer it (offer_state) and run ``values.round`` next; ``resume_duties`` are the duties of
+    # the round closed just before, still outstanding for this worker (evaluate, export, stop).
+    resume: bool = False
+    resume_duties: Directives = field(default_factory=Directives)
 
 
 @dataclass(frozen=True)
@@ -92,7 +97,9 @@ class CoordinatorError(RuntimeError):
 class JobEndpoint(Protocol):
     """What a transport needs from one job's coordinator side (``coordinator.job.Job`` implements it)."""
 
-    def join(self, name: str, device: str, want_replica: int | None = None) -> JoinGrant: ...
+    def join(
+        self, name: str, device: str, want_replica: int | None = None, resume_round: int | None = None
+    ) -> JoinGrant: ...
 
     def exchange(
         self, worker_id: str, round: int, mu: Tensor, stats: RoundStats, timeout: float | None = None
@@ -103,6 +110,8 @@ class JobEndpoint(Protocol):
     def report_eval(self, worker_id: str, report: EvalReport) -> None: ...
 
     def report_state(self, worker_id: str, round: int, state: dict[str, Tensor]) -> None: ...
+
+    def offer_state(self, worker_id: str, round: int, state: dict[str, Tensor]) -> None: ...
 
     def fetch_model(self, worker_id: str, round: int, timeout: float | None = None) -> Tensor: ...
 

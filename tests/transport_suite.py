@@ -99,7 +99,58 @@ def _state(value: float) -> dict[str, Tensor]:
         "outer_buf": torch.zeros(SIZE),
         "outer_steps": torch.tensor([1]),
         "sampler": torch.tensor([0, 3]),
+        "rng_noise": torch.zeros(16, dtype=torch.uint8),
+        "rng_global": torch.zeros(16, dtype=torch.uint8),
     }
+
+
+def _refused(call: Callable[[], object], code: str, *words: str) -> None:
+    with pytest.raises(CoordinatorError) as info:
+        call()
+    assert info.value.code == code and all(w in str(info.value) for w in words), (code, words, str(info.value))
+
+
+def check_replica_states_are_checked_against_the_model(h: Harness) -> None:
+    """Keys, shapes and dtypes: a state that does not fit the model is refused by name and changes nothing."""
+    job, a, b = _two_members(h)
+    _round(a, b, 0, torch.zeros(SIZE), torch.ones(SIZE))
+    good = _state(1.0)
+    bad = [
+        ({**good, "bogus": torch.zeros(1)}, ("bogus",)),
+        ({k: v for k, v in good.items() if k != "outer_buf"}, ("outer_buf", "missing")),
+        ({**good, "x": torch.full((SIZE,), 1.0, dtype=torch.float64)}, ("x", "float64")),
+        ({**good, "outer_buf": torch.zeros(SIZE + 1)}, ("outer_buf", f"[{SIZE + 1}]")),
+        ({**good, "sampler": torch.tensor([0.0, 3.0])}, ("sampler", "int64")),
+        ({**good, "rng_noise": torch.zeros(4, 4, dtype=torch.uint8)}, ("rng_noise",)),
+    ]
+    for state, words in bad:
+        _refused(lambda state=state: a.report_state(0, state), "INVALID_ARGUMENT", *words)  # type: ignore[misc]
+    assert job.store.latest() is None and job.model is None  # nothing was taken
+    for t, value in ((a, 1.0), (b, 2.0)):
+        t.report_state(0, _state(value))
+    assert torch.equal(job.model, torch.full((SIZE,), 1.5))  # type: ignore[arg-type]
+
+
+def check_rejoin_with_own_state(h: Harness) -> None:
+    """A worker that lost its place asks for its replica back at its round: taken back with its own state,
+    which it offers (checked like any replica state); at another round it joins like anyone else."""
+    job, a, b = _two_members(h)
+    _round(a, b, 0, torch.zeros(SIZE), torch.ones(SIZE))
+    a.leave()  # a lost its place before uploading: round 0's model is b's x alone
+    b.report_state(0, _state(2.0))
+    assert torch.equal(job.model, torch.full((SIZE,), 2.0))  # type: ignore[arg-type]
+    grant = a.join("a", "cpu", 0, resume_round=1)
+    assert grant.resume and grant.replica == 0 and grant.values.round == 1 and grant.start is None
+    assert not grant.resume_duties.evaluate and not grant.resume_duties.stop
+    _refused(lambda: a.offer_state(2, _state(1.0)), "FAILED_PRECONDITION", "round 2")
+    _refused(lambda: a.offer_state(1, {"x": torch.zeros(SIZE)}), "INVALID_ARGUMENT", "missing")
+    a.offer_state(1, _state(1.0))
+    _refused(lambda: a.offer_state(1, _state(1.0)), "FAILED_PRECONDITION")  # once
+    replies = _round(a, b, 1, torch.zeros(SIZE), torch.ones(SIZE))
+    assert all(r.closed_round == 1 for r in replies)
+    a.leave()
+    late = a.join("a", "cpu", 0, resume_round=7)  # not the job's round: an ordinary join
+    assert not late.resume and late.start is not None
 
 
 def check_checkpoint_collects_replica_states(h: Harness) -> None:
@@ -178,6 +229,8 @@ def check_full_job_and_stopped_job(h: Harness) -> None:
 CHECKS = [
     check_sync_round_returns_the_mean,
     check_checkpoint_collects_replica_states,
+    check_replica_states_are_checked_against_the_model,
+    check_rejoin_with_own_state,
     check_rejects_bad_updates_without_touching_the_reference,
     check_leaving_member_does_not_block_the_round,
     check_late_joiner_starts_from_the_center_before_any_model,

@@ -20,7 +20,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from protos.messages import CoordinatorError, EvalReport, ExchangeReply, JoinGrant, RoundStats, RoundValues
+from protos.messages import (
+    CoordinatorError,
+    EvalReport,
+    ExchangeReply,
+    JoinGrant,
+    RoundStats,
+    RoundValues,
+)
 from protos.spec import JobSpec
 from worker import metrics
 from worker.flat import FlatParameters
@@ -203,7 +210,10 @@ class WorkerLoop:
     to keep retrying while the coordinator is unreachable (0: fail at once). ``turns``: the compute turns
     this replica shares with the others on its device; ``exchange_turns``: the order of async exchanges
     across devices (local runtime). ``trust``: the user code and data directories a job may name (default:
-    built-ins only); a job naming others fails, the loop goes on."""
+    built-ins only); a job naming others fails, the loop goes on.
+    ``offer_on_rejoin`` (a worker of one job, over a network): keep a copy
+    of the replica's state at the start of each sync round, and when the coordinator is lost, rejoin
+    asking to be taken back with it, so that a restarted coordinator resumes at the round it was in."""
 
     def __init__(
         self,
@@ -216,6 +226,7 @@ class WorkerLoop:
         reconnect_s: float = 0.0,
         exchange_turns: Turns = no_turns,
         trust: Trust | None = None,
+        offer_on_rejoin: bool = False,
     ) -> None:
         self.transport = transport
         self.name = name
@@ -226,6 +237,9 @@ class WorkerLoop:
         self.serve_forever = serve_forever
         self.reconnect_s = reconnect_s
         self.trust = trust or Trust()
+        self.offer_on_rejoin = offer_on_rejoin
+        # (round, this replica's state at its start): what it offers when it rejoins.
+        self._resume_point: tuple[int, dict[str, Tensor]] | None = None
         self.rounds_done = 0
         self.joins = 0
         self.prefix = f"[{name}]"
@@ -236,11 +250,17 @@ class WorkerLoop:
         self._stop.set()
 
     def run(self) -> None:
+        resume: tuple[int, dict[str, Tensor]] | None = None
         while not self._stop.is_set():
-            grant = self._join()
+            grant = self._join(resume)
             if grant is None:
                 return
             try:
+                if grant.resume and resume is not None:
+                    self._resume(grant, *resume)
+                else:
+                    self._setup(grant)
+                resume = None
                 self._train(grant)
             except (NonFiniteLoss, WorkloadError) as err:
                 # The job's failure, not the worker's: the job goes FAILED with the message, and a pool
@@ -259,19 +279,23 @@ class WorkerLoop:
                 metrics.REJOINS.labels(grant.job_id).inc()
                 with contextlib.suppress(CoordinatorError):
                     self.transport.leave()
+                resume = self._resume_point if self.offer_on_rejoin else None
                 continue
             with contextlib.suppress(CoordinatorError):
                 self.transport.leave()
             if not self.serve_forever:
                 return
 
-    def _join(self) -> JoinGrant | None:
+    def _join(self, resume: tuple[int, dict[str, Tensor]] | None = None) -> JoinGrant | None:
         """Join with exponential backoff while the coordinator is unreachable or has no work.
-        None: the job is over (after a first successful join) or the loop was stopped."""
+        None: the job is over (after a first successful join) or the loop was stopped. ``resume``: the
+        round and state this worker holds; it asks for its replica back with them."""
         delay, give_up = 0.1, time.monotonic() + self.reconnect_s
+        want = self.replica_index if resume is not None else self.want_replica
         while not self._stop.is_set():
             try:
-                grant = self.transport.join(self.name, str(self.device), self.want_replica)
+                round_ = None if resume is None else resume[0]
+                grant = self.transport.join(self.name, str(self.device), want, round_)
                 self.joins += 1
                 return grant
             except CoordinatorError as err:
@@ -288,6 +312,24 @@ class WorkerLoop:
                 self._stop.wait(delay)
                 delay = min(delay * 2, 5.0)
         return None
+
+    def _resume(self, grant: JoinGrant, round: int, state: dict[str, Tensor]) -> None:
+        """Taken back with this replica's own state at the start of ``round``: put it back (the chain of an
+        interrupted round runs again from its start, drawing the same numbers), offer it, then do what the
+        round before still owes."""
+        self.load_state(state)
+        self.prefix = f"[job {grant.job_id} replica {grant.replica} {grant.worker_id}]"
+        log.info("%s taken back at round %d with its own state", self.prefix, round)
+        self.transport.offer_state(round, state)
+        duties = grant.resume_duties
+        if duties.evaluate:
+            model = self.transport.fetch_model(round - 1)
+            report = self.evaluate_model(round - 1, grant.values.epoch, duties.export, to_device(model, self.device))
+            self.transport.report_eval(report)
+
+    def _keep_resume_point(self, round: int) -> None:
+        if self.offer_on_rejoin and self.spec.optim.mode == "sync":
+            self._resume_point = (round, self.state())
 
     def _setup(self, grant: JoinGrant) -> None:
         spec = grant.spec
@@ -309,8 +351,10 @@ class WorkerLoop:
             self.transport.report_state(0, to_host({"x": self.replica.x}))
 
     def _train(self, grant: JoinGrant) -> None:
-        self._setup(grant)
         values = grant.values
+        if grant.resume_duties.stop:  # taken back after the last round: its duties were all that was left
+            return
+        self._keep_resume_point(values.round)
         is_async = self.spec.optim.mode == "async"
         while True:
             with self.turns(self.replica_index), self.rng.scope():
@@ -324,7 +368,10 @@ class WorkerLoop:
                         reply = self._exchange(grant.job_id, values, upload, stats)
             if not is_async:  # a sync exchange waits for every replica: never while holding the turn
                 reply = self._exchange(grant.job_id, values, upload, stats)
-            self._finish(values, reply)
+            self._step(values, reply)
+            if not reply.directives.stop:
+                self._keep_resume_point(reply.next_values.round)  # before the duties: they may be what fails
+            self._duties(reply)
             self.rounds_done += 1
             if reply.directives.stop or self._stop.is_set():
                 log.info("%s stopping after round %d", self.prefix, values.round)
@@ -385,13 +432,15 @@ class WorkerLoop:
         optim = self.spec.optim
         return OuterHyper(values.lr, values.rho, optim.momentum, optim.nesterov)
 
-    def _finish(self, values: RoundValues, reply: ExchangeReply) -> None:
+    def _step(self, values: RoundValues, reply: ExchangeReply) -> None:
         reference = to_device(reply.reference, self.device)
         with torch.no_grad():
             if self.spec.optim.mode == "async":
                 self.replica.easgd_exchange(reference, self.spec.optim.alpha)
             else:
                 self.replica.finish_round(reference, self._outer(values))
+
+    def _duties(self, reply: ExchangeReply) -> None:
         duties = reply.directives
         if duties.checkpoint:
             self.transport.report_state(reply.closed_round, self.state())
@@ -399,9 +448,10 @@ class WorkerLoop:
             self.transport.report_state(reply.closed_round, to_host({"x": self.replica.x}))
         if duties.evaluate:
             model = self.transport.fetch_model(reply.closed_round)
-            self.transport.report_eval(self.evaluate_model(reply, to_device(model, self.device)))
+            epoch, device_model = reply.next_values.epoch, to_device(model, self.device)
+            self.transport.report_eval(self.evaluate_model(reply.closed_round, epoch, duties.export, device_model))
 
-    def evaluate_model(self, reply: ExchangeReply, model: Tensor) -> EvalReport:
+    def evaluate_model(self, round: int, epoch: float, export: bool, model: Tensor) -> EvalReport:
         """Evaluate the job's model in this replica's network (BN re-estimated first), then put the
         replica's own weights back."""
         work, data = self.work, self.spec.data
@@ -415,12 +465,11 @@ class WorkerLoop:
                     work.model, work.train_x[:subset], work.train_y[:subset], data.test_batch_size
                 )
             exported = None
-            if reply.directives.export:
+            if export:
                 exported = {k: v.detach().cpu().clone() for k, v in work.model.state_dict().items()}
             work.flat.load_(self.replica.x)
-        log.info("%s eval after round %d: test error %.4f", self.prefix, reply.closed_round, results["test"][1])
-        epoch = reply.next_values.epoch
-        return EvalReport(reply.closed_round, epoch, results, exported)
+        log.info("%s eval after round %d: test error %.4f", self.prefix, round, results["test"][1])
+        return EvalReport(round, epoch, results, exported)
 
     def state(self) -> dict[str, Tensor]:
         sampler = self.work.sampler.state()

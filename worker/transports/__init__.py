@@ -16,7 +16,12 @@ from protos.messages import EvalReport, ExchangeReply, JoinGrant, RoundStats
 class WorkerTransport(Protocol):
     """One worker's connection to one job. Calls raise ``protos.messages.CoordinatorError``."""
 
-    def join(self, name: str, device: str, want_replica: int | None = None) -> JoinGrant: ...
+    def join(
+        self, name: str, device: str, want_replica: int | None = None, resume_round: int | None = None
+    ) -> JoinGrant:
+        """``resume_round``: this worker still holds its replica at the start of that round (it lost its
+        coordinator) and asks to be taken back with it (``JoinGrant.resume``)."""
+        ...
 
     def exchange(self, round: int, mu: Tensor, stats: RoundStats) -> ExchangeReply:
         """Send the coupled average of ``round``; block until the new reference is known."""
@@ -30,6 +35,10 @@ class WorkerTransport(Protocol):
 
     def report_state(self, round: int, state: dict[str, Tensor]) -> None:
         """Upload this replica's state (or its weights ``x`` alone) after the elastic step of ``round``."""
+        ...
+
+    def offer_state(self, round: int, state: dict[str, Tensor]) -> None:
+        """After a join that took the worker back (``JoinGrant.resume``): its whole state at ``round``."""
         ...
 
     def fetch_model(self, round: int) -> Tensor:

@@ -50,10 +50,14 @@ class GrpcTransport:
 
     # ----- membership ----------------------------------------------------------------------------
 
-    def join(self, name: str, device: str, want_replica: int | None = None) -> JoinGrant:
+    def join(
+        self, name: str, device: str, want_replica: int | None = None, resume_round: int | None = None
+    ) -> JoinGrant:
         request = pb.JoinRequest(worker_name=name, device=device, job_id=self.wanted_job or "")
         if want_replica is not None:
             request.replica_index = want_replica
+        if resume_round is not None:
+            request.resume_round = resume_round
         stream = call(lambda: self.stub.Join(request, metadata=self.metadata, timeout=self.timeout_s))
         first = call(lambda: next(stream))
         head = first.header
@@ -73,6 +77,8 @@ class GrpcTransport:
             replica_state=tensors if head.start == pb.START_KIND_REPLICA_STATE else None,
             lease_s=head.lease_seconds,
             seed_center=head.seed_center,
+            resume=head.start == pb.START_KIND_OWN_STATE,
+            resume_duties=directives_from_pb(head.resume_duties),
         )
 
     def _start_heartbeats(self, every_s: float) -> None:
@@ -164,6 +170,9 @@ class GrpcTransport:
 
     def report_state(self, round: int, state: dict[str, Tensor]) -> None:
         self._report(pb.ReportHeader(round=round, state_kind=pb.STATE_KIND_REPLICA), sorted(state.items()))
+
+    def offer_state(self, round: int, state: dict[str, Tensor]) -> None:
+        self._report(pb.ReportHeader(round=round, state_kind=pb.STATE_KIND_OFFER), sorted(state.items()))
 
     def fetch_model(self, round: int) -> Tensor:
         request = pb.FetchModelRequest(worker_id=self.worker_id, job_id=self.job_id, round=round)

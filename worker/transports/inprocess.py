@@ -22,8 +22,10 @@ class InProcessTransport:
             raise CoordinatorError("FAILED_PRECONDITION", "join the job first")
         return self.worker_id
 
-    def join(self, name: str, device: str, want_replica: int | None = None) -> JoinGrant:
-        grant = self.endpoint.join(name, device, want_replica)
+    def join(
+        self, name: str, device: str, want_replica: int | None = None, resume_round: int | None = None
+    ) -> JoinGrant:
+        grant = self.endpoint.join(name, device, want_replica, resume_round)
         self.worker_id = grant.worker_id
         return grant
 
@@ -38,6 +40,9 @@ class InProcessTransport:
 
     def report_state(self, round: int, state: dict[str, Tensor]) -> None:
         self.endpoint.report_state(self._id(), round, state)
+
+    def offer_state(self, round: int, state: dict[str, Tensor]) -> None:
+        self.endpoint.offer_state(self._id(), round, state)
 
     def fetch_model(self, round: int) -> Tensor:
         return self.endpoint.fetch_model(self._id(), round, self.timeout_s)

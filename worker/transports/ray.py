@@ -44,8 +44,10 @@ class RayTransport:
     def _call(self, method: Any, *args: Any, timeout_s: float | None = None) -> Any:
         return get(method.remote(*args), timeout_s or self.timeout_s)
 
-    def join(self, name: str, device: str, want_replica: int | None = None) -> JoinGrant:
-        grant: JoinGrant = self._call(self.coordinator.join, name, device, want_replica)
+    def join(
+        self, name: str, device: str, want_replica: int | None = None, resume_round: int | None = None
+    ) -> JoinGrant:
+        grant: JoinGrant = self._call(self.coordinator.join, name, device, want_replica, resume_round)
         self.worker_id = grant.worker_id
         self._round_timeout_s = grant.spec.optim.round_deadline_s + self.timeout_s
         return grant
@@ -65,6 +67,9 @@ class RayTransport:
 
     def report_state(self, round: int, state: dict[str, Tensor]) -> None:
         self._call(self.coordinator.report_state, self.worker_id, round, state)
+
+    def offer_state(self, round: int, state: dict[str, Tensor]) -> None:
+        self._call(self.coordinator.offer_state, self.worker_id, round, state)
 
     def fetch_model(self, round: int) -> Tensor:
         timeout = self._round_timeout_s

@@ -1,0 +1,128 @@
+"""What a coordinator keeps of a running job between rounds, so that a restart loses no closed round.
+
+After every closed round (and after every model gathered) the job writes ``round-state.safetensors`` in
+its directory: the round it runs next, the center, the model and the closed round's event for
+``metrics.jsonl``. The write goes through a temporary name, fsync and rename, so a crash leaves the
+previous file or the new one, never a torn one. It happens on the job's own writer thread, off the job's
+lock; a sync round's waiters get their reply only once the file naming the next round is on disk, so no
+worker is ever ahead of what a restarted coordinator reads back (docs/operations.md, "Coordinator
+restarts").
+
+A replica's state is not in it: the workers hold theirs and offer it when they rejoin.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+FILE = "round-state.safetensors"
+
+
+@dataclass(frozen=True)
+class RoundState:
+    round: int  # the next round to run: every round before it has closed
+    center: Tensor  # the center of round - 1
+    model: Tensor  # the job's model as of ``model_round``
+    model_round: int  # the closed round whose gathered model ``model`` is; -1: none gathered yet
+    elapsed: float  # seconds the job had run
+    train_size: int | None
+    round_event: dict[str, Any] | None  # the ``round`` event of round - 1, re-logged if a crash lost it
+
+
+def save_round_state(path: Path, state: RoundState) -> None:
+    """Atomically replace ``path``: temporary name, fsync, rename, fsync of the directory."""
+    meta = {
+        "round": str(state.round),
+        "model_round": str(state.model_round),
+        "elapsed": repr(state.elapsed),
+        "train_size": "" if state.train_size is None else str(state.train_size),
+        "round_event": json.dumps(state.round_event),
+    }
+    tensors = {"center": state.center.detach().cpu().contiguous(), "model": state.model.detach().cpu().contiguous()}
+    if tensors["model"].data_ptr() == tensors["center"].data_ptr():
+        tensors["model"] = tensors["model"].clone()  # safetensors refuses shared memory
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    with tmp.open("rb") as f:
+        os.fsync(f.fileno())
+    tmp.replace(path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def load_round_state(path: Path) -> RoundState | None:
+    """The saved round state, or None when there is none or it does not read back (then the job resumes
+    from its checkpoint, as before this file existed)."""
+    if not path.is_file():
+        return None
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        tensors = load_file(str(path))
+        size = meta.get("train_size", "")
+        return RoundState(
+            round=int(meta["round"]),
+            center=tensors["center"],
+            model=tensors["model"],
+            model_round=int(meta["model_round"]),
+            elapsed=float(meta["elapsed"]),
+            train_size=int(size) if size else None,
+            round_event=json.loads(meta.get("round_event", "null")),
+        )
+    except (OSError, KeyError, ValueError, SafetensorError) as err:
+        log.warning("ignoring %s: %s", path, err)
+        return None
+
+
+class RoundStateWriter:
+    """A job's writer thread: saves the round states handed to it, in order, then calls ``written`` with
+    each and whether its round event is new (outside any lock of the caller's). Rounds cannot outrun it:
+    sync replies wait for it, so its queue holds a round or two at most."""
+
+    def __init__(self, path: Path, written: Callable[[RoundState, bool], None]) -> None:
+        self.path = path
+        self._written = written
+        self._queue: queue.Queue[tuple[RoundState, bool] | None] = queue.Queue()
+        self._thread: threading.Thread | None = None  # started by the first round: a pending job holds none
+
+    def submit(self, state: RoundState, new_round: bool) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name=f"round-state:{self.path.parent.name}", daemon=True)
+            self._thread.start()
+        self._queue.put((state, new_round))
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            state, new_round = item
+            try:
+                save_round_state(self.path, state)
+            except Exception:  # e.g. a full disk: the job goes on (a restart then resumes from an older state)
+                log.exception("could not save %s (round %d)", self.path, state.round)
+            self._written(state, new_round)
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Write what is queued, then stop."""
+        if self._thread is None:
+            return
+        self._queue.put(None)
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout)
