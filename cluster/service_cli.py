@@ -98,6 +98,8 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
             inflight_bytes=args.max_inflight_bytes,
             upload_idle_s=args.upload_idle_s,
             max_pending_jobs=args.max_pending_jobs,
+            data_channel=not args.no_data_channel,
+            data_port=args.data_port,
         )
     except StateDirLocked as err:
         print(f"parle coordinator: {err}", file=sys.stderr)
@@ -132,7 +134,14 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
         start_http_server(args.metrics_port, addr=args.metrics_addr)
     endpoint = Endpoint.resolve(args.coordinator, args.token_file, args.ca_cert)
-    with GrpcTransport(endpoint.address, endpoint.token, endpoint.ca_cert, job_id=args.job) as transport:
+    with GrpcTransport(
+        endpoint.address,
+        endpoint.token,
+        endpoint.ca_cert,
+        job_id=args.job,
+        data_channel=not args.no_data_channel,
+        data_address=args.data_address,
+    ) as transport:
         loop = WorkerLoop(
             transport,
             args.name,
@@ -248,6 +257,13 @@ def add_service_commands(sub: argparse._SubParsersAction) -> None:
     co.add_argument("--upload-idle-s", type=float, default=60.0, help="cancel an upload silent this long")
     co.add_argument("--max-pending-jobs", type=int, default=64, help="jobs waiting for workers; more are refused")
     co.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus /metrics on this port (0: off)")
+    co.add_argument(
+        "--data-port", type=int, default=0,
+        help="port of the data channel, the raw-socket path for Exchange rounds, on --listen's host (0: any free port)",
+    )  # fmt: skip
+    co.add_argument(
+        "--no-data-channel", action="store_true", help="exchange over gRPC streams only (offer no data channel)"
+    )
     co.set_defaults(func=cmd_coordinator)
 
     wk = sub.add_parser("worker", help="run a worker: one replica at a time for a coordinator")
@@ -260,6 +276,8 @@ def add_service_commands(sub: argparse._SubParsersAction) -> None:
     wk.add_argument("--reconnect-s", type=float, default=300.0, help="keep retrying an unreachable coordinator")
     wk.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus /metrics here (0: off)")
     wk.add_argument("--metrics-addr", default="127.0.0.1", help="address for --metrics-port (0.0.0.0 in containers)")
+    wk.add_argument("--no-data-channel", action="store_true", help="exchange over gRPC streams only")
+    wk.add_argument("--data-address", metavar="HOST:PORT", help="reach the data channel here (default: gRPC's host)")
     wk.set_defaults(func=cmd_worker)
 
     sm = sub.add_parser("submit", help="submit a job; prints its id")
