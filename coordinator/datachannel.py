@@ -326,6 +326,8 @@ class DataChannelServer:
         with self._lock:
             self._closed = True
             conns = list(self._conns)
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept(); close() alone does not
         self._listener.close()
         for sock in conns:
             with contextlib.suppress(OSError):
