@@ -39,7 +39,7 @@ from google.protobuf.message import DecodeError
 
 from coordinator import metrics
 from coordinator.job import Job
-from coordinator.reference import SQ_NORM_BLOCK, block_squared_norm
+from coordinator.reference import SQ_NORM_BLOCK, block_squared_norms
 from coordinator.service import JobManager
 from protos import frames
 from protos import parle_pb2 as pb
@@ -55,6 +55,7 @@ log = logging.getLogger(__name__)
 HANDSHAKE_S = 10.0  # a connection must complete TLS and HELLO within this
 UPLOADS_AT_ONCE = 4  # receive buffers: uploads read at the same time (the rest wait, holding nothing)
 POLL_S = 0.5
+RECV_BYTES = 8 << 20  # most bytes one recv_into asks for: few calls, and checks that keep up with arrival
 
 
 class Tickets:
@@ -269,32 +270,39 @@ class DataChannelServer:
 
     @staticmethod
     def _receive(sock: socket.socket, raw: torch.Tensor, wire_dtype: torch.dtype) -> tuple[float | None, str | None]:
-        """Read the upload into ``raw`` block by block; returns its squared norm (None: not a float tensor,
-        or float64 squares that overflowed) and, for a non-finite value, what is wrong. A bad upload is
-        still read to its end, so the connection stays in step."""
+        """Read the upload into ``raw``; returns its squared norm (None: not a float tensor, or float64 squares
+        that overflowed) and, for a non-finite value, what is wrong. Each block is checked as soon as it has
+        arrived (while in cache, and overlapping the sender). A bad upload is still read to its end, so the
+        connection stays in step."""
         view = raw.numpy().data
         values = raw.view(wire_dtype)
-        floating = wire_dtype.is_floating_point
-        block = SQ_NORM_BLOCK * wire_dtype.itemsize
-        total: float | None = 0.0 if floating else None
+        size, item = len(view), wire_dtype.itemsize
+        block = SQ_NORM_BLOCK * item
+        total: float | None = 0.0 if wire_dtype.is_floating_point else None
         bad: str | None = None
-        for start in range(0, len(view), block):
-            end = min(start + block, len(view))
-            frames.recv_exactly(sock, view[start:end])
-            if bad is not None or total is None:
+        got = checked = 0
+        while got < size:
+            n = sock.recv_into(view[got:], min(size - got, RECV_BYTES))
+            if n == 0:
+                raise frames.FrameError(f"the worker closed the connection after {got} of {size} bytes")
+            got += n
+            ready = got if got == size else got // block * block
+            if total is None or bad is not None or ready <= checked:
                 continue
-            chunk = values[start // wire_dtype.itemsize : end // wire_dtype.itemsize]
-            part = block_squared_norm(chunk)
-            if math.isfinite(part):
-                total += part
-                continue
-            finite = torch.isfinite(chunk)
-            if bool(finite.all()):
-                total = None  # huge float64 values: Job.report checks them itself
-                continue
-            first = start // wire_dtype.itemsize + int((~finite).nonzero()[0, 0])
-            count = int((~finite).sum())
-            bad = f"NaN or Inf at flat index {first} ({count} in that block of {chunk.numel()} values)"
+            span = values[checked // item : ready // item]
+            for index, part in enumerate(block_squared_norms(span)):
+                if math.isfinite(part):
+                    total += part
+                    continue
+                chunk = span[index * SQ_NORM_BLOCK : (index + 1) * SQ_NORM_BLOCK]
+                finite = torch.isfinite(chunk)
+                if bool(finite.all()):  # huge float64 values: Job.report checks them itself
+                    total = None
+                    break
+                first = checked // item + index * SQ_NORM_BLOCK + int((~finite).nonzero()[0, 0])
+                bad = f"NaN or Inf at flat index {first} ({int((~finite).sum())} in its block of {chunk.numel()})"
+                break
+            checked = ready
         return total, bad
 
     def _await_round(self, job: Job, worker_id: str, round: int) -> ExchangeReply:
@@ -316,9 +324,7 @@ class DataChannelServer:
         )
         frames.send_frame(sock, frames.DOWNLOAD, down.SerializeToString())
         sock.settimeout(self.limits.uploads.idle_s)
-        data = view.data
-        for start in range(0, len(data), frames.CHUNK_BYTES):
-            sock.sendall(data[start : start + frames.CHUNK_BYTES])
+        sock.sendall(view.data)  # one call: the kernel paces it, and the GIL is given up once
         metrics.EXCHANGE_BYTES.labels("down").inc(header.total_bytes)
 
     def close(self) -> None:

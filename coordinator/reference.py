@@ -8,32 +8,45 @@ resumed runs reproduce uninterrupted ones bit for bit.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 from torch import Tensor
 
-# Elements per block of ``squared_norm``: 1 MiB of float32, so few enough torch calls that a Python thread
-# busy elsewhere (each call gives up and retakes the GIL) costs little, and small enough to stay in cache.
-# The data channel checks each block as it arrives, in the same order, so both transports compute the
-# same consensus distance. (BLAS ``dot`` is avoided: its thread team stalls badly on a loaded machine.)
+# Elements per block of ``squared_norm`` (1 MiB of float32). The norm is the sum of the blocks' norms in
+# order, so the data channel, which checks the blocks as they arrive, computes the same value as gRPC's path.
 SQ_NORM_BLOCK = 1 << 18
+# Blocks per numpy call: few calls (each gives up and retakes the GIL, which on a busy machine means
+# waiting for a core), and a bounded float64 temporary (8 MiB per block of float32).
+_BLOCKS_PER_CALL = 4
 
 
 def squared_norm(t: Tensor) -> float:
-    """||t||^2 in float64, block by block; NaN or Inf when ``t`` holds a non-finite value (float32/16
-    squares cannot overflow float64, so for them the sum is finite exactly when every value is). One pass
-    over ``t`` doubles as the finite check."""
-    flat = t.detach().reshape(-1)
-    return sum(block_squared_norm(flat[i : i + SQ_NORM_BLOCK]) for i in range(0, flat.numel(), SQ_NORM_BLOCK))
+    """||t||^2 in float64; NaN or Inf when ``t`` holds a non-finite value (float32/16 squares cannot overflow
+    float64, so for them the sum is finite exactly when every value is): one pass that is also the finite
+    check."""
+    return sum(block_squared_norms(t.detach().reshape(-1)))
 
 
-def block_squared_norm(block: Tensor) -> float:
-    """||block||^2 accumulated in float64, in the calling thread: numpy (one pass in cache, no thread team
-    to wake for each block, which on a busy machine costs more than the arithmetic); torch for bfloat16."""
-    if block.dtype == torch.bfloat16 or block.device.type != "cpu":
-        return float(torch.linalg.vector_norm(block, dtype=torch.float64)) ** 2
-    wide = np.square(block.numpy(), dtype=np.float64)
-    return float(np.add.reduce(wide))
+def block_squared_norms(flat: Tensor) -> list[float]:
+    """||block||^2 of each ``SQ_NORM_BLOCK``-element block of a flat CPU tensor, accumulated in float64, in
+    the calling thread: numpy, whose loops need no thread team (on a loaded machine, waking one for every
+    block costs more than the arithmetic); torch for bfloat16, which numpy lacks."""
+    if flat.dtype == torch.bfloat16 or flat.device.type != "cpu":
+        return [
+            float(torch.linalg.vector_norm(flat[i : i + SQ_NORM_BLOCK], dtype=torch.float64)) ** 2
+            for i in range(0, flat.numel(), SQ_NORM_BLOCK)
+        ]
+    values, out = flat.numpy(), []
+    full = values.size // SQ_NORM_BLOCK
+    for row in range(0, full, _BLOCKS_PER_CALL):
+        rows = values[row * SQ_NORM_BLOCK : min(row + _BLOCKS_PER_CALL, full) * SQ_NORM_BLOCK]
+        squares = np.square(rows.reshape(-1, SQ_NORM_BLOCK), dtype=np.float64)
+        out.extend(np.add.reduce(squares, axis=1).tolist())
+    if values.size > full * SQ_NORM_BLOCK:
+        out.append(float(np.add.reduce(np.square(values[full * SQ_NORM_BLOCK :], dtype=np.float64))))
+    return out
 
 
 class SyncMean:
@@ -62,10 +75,12 @@ class SyncMean:
         if self._sum is None:
             spare, self._spare = self._spare, None
             fits = spare is not None and spare.numel() == flat.numel()
-            self._sum = spare.copy_(flat) if spare is not None and fits else flat.to(torch.float64, copy=True)
+            self._sum = spare if spare is not None and fits else torch.empty(flat.numel(), dtype=torch.float64)
             self._dtype = mu.dtype
+            _elementwise(np.copyto, self._sum, flat, lambda: self._sum.copy_(flat))  # type: ignore[union-attr]
         else:
-            self._sum.add_(flat)  # float32 -> float64 inside the kernel
+            total = self._sum
+            _elementwise(lambda out, x: np.add(out, x, out=out), total, flat, lambda: total.add_(flat))
         self._sq_norms += squared_norm(flat) if sq_norm is None else sq_norm
         self.count += 1
 
@@ -75,11 +90,29 @@ class SyncMean:
         buffer)."""
         if self._sum is None or self.count == 0:
             raise ValueError("no coupled averages were reported for this round")
-        total = self._sum.div_(self.count)
-        mean, mean_sq = total.to(self._dtype), squared_norm(total)
-        spread = self._sq_norms / self.count - mean_sq
+        total, count = self._sum, self.count
+        mean = torch.empty(total.shape, dtype=self._dtype)
+        # One pass: divide the float64 sum straight into the narrower mean (the sum itself is not written).
+        _elementwise(
+            lambda out, x: np.divide(x, count, out=out, casting="same_kind"),
+            mean,
+            total,
+            lambda: torch.div(total, count, out=mean),
+        )
+        spread = self._sq_norms / count - squared_norm(total) / count**2
         self._spare, self._sum = total, None
         return mean, max(spread, 0.0) ** 0.5
+
+
+def _elementwise(
+    numpy_op: Callable[[np.ndarray, np.ndarray], object], out: Tensor, x: Tensor, torch_op: Callable[[], object]
+) -> None:
+    """``numpy_op(out, x)`` on the tensors' memory when numpy has their dtypes (one loop in the calling thread:
+    torch would wake its thread team for every call, which stalls on a loaded machine), else ``torch_op``."""
+    if torch.bfloat16 in (out.dtype, x.dtype) or out.device.type != "cpu" or x.device.type != "cpu":
+        torch_op()
+    else:
+        numpy_op(out.numpy(), x.numpy())
 
 
 def easgd_center_step_(center: Tensor, x: Tensor, alpha: float) -> Tensor:

@@ -35,9 +35,6 @@ HELLO, WELCOME, UPLOAD, GO, DOWNLOAD, ERROR = 1, 2, 3, 4, 5, 6
 KIND_NAMES = {HELLO: "HELLO", WELCOME: "WELCOME", UPLOAD: "UPLOAD", GO: "GO", DOWNLOAD: "DOWNLOAD", ERROR: "ERROR"}
 MAX_BODY_BYTES = 64 * 1024  # control messages only: headers, never tensor bytes
 TICKET_BYTES = 32
-# recv_into and sendall move at most this much per call, and the coordinator checks each such chunk for
-# NaN/Inf while it is still in cache: a multiple of 8 so that chunks never split an element.
-CHUNK_BYTES = 1 << 20
 FEATURE = "data-channel"  # Capabilities.features entry of a worker that speaks it
 _HEAD = struct.Struct("<BI")
 
@@ -56,7 +53,7 @@ def recv_exactly(sock: socket.socket, view: memoryview) -> None:
     """Fill ``view`` from the socket; ``FrameError`` if the peer closes first."""
     got, size = 0, len(view)
     while got < size:
-        n = sock.recv_into(view[got:], min(size - got, CHUNK_BYTES))
+        n = sock.recv_into(view[got:], size - got)
         if n == 0:
             raise FrameError(f"the peer closed the connection after {got} of {size} bytes")
         got += n

@@ -63,6 +63,10 @@ class DataChannel:
         """Connect, wrap in TLS when ``ca_cert`` is given (the coordinator's gRPC certificate, checked for
         ``host``), and say HELLO; ``DataChannelRefused`` if any of it fails."""
         try:
+            where = torch.device(device)
+        except RuntimeError as err:
+            raise DataChannelRefused(f"device {device!r}: {err}") from None
+        try:
             raw = socket.create_connection((host, port), timeout=timeout_s)
         except OSError as err:
             raise DataChannelRefused(f"cannot connect to {host}:{port}: {err}") from None
@@ -84,7 +88,7 @@ class DataChannel:
             if isinstance(err, DataChannelRefused):
                 raise
             raise DataChannelRefused(f"handshake with {host}:{port} failed: {err}") from None
-        return cls(sock, torch.device(device))
+        return cls(sock, where)
 
     def exchange(
         self, upload: pb.ExchangeUpload, mu: Tensor, compression: pb.Compression, timeout_s: float
@@ -104,9 +108,7 @@ class DataChannel:
             raise Unsent(str(err)) from None
         if kind == frames.ERROR:
             raise CoordinatorError(*frames.parse_error(body))
-        data = view.data
-        for start in range(0, len(data), frames.CHUNK_BYTES):
-            sock.sendall(data[start : start + frames.CHUNK_BYTES])
+        sock.sendall(view.data)  # one call, from the tensor's memory
         kind, body = frames.recv_frame(sock, (frames.DOWNLOAD,))
         if kind == frames.ERROR:
             raise CoordinatorError(*frames.parse_error(body))
