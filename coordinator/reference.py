@@ -18,8 +18,8 @@ from torch import Tensor
 # order, so the data channel, which checks the blocks as they arrive, computes the same value as gRPC's path.
 SQ_NORM_BLOCK = 1 << 18
 # Blocks per numpy call: few calls (each gives up and retakes the GIL, which on a busy machine means
-# waiting for a core), and a bounded float64 temporary (8 MiB per block of float32).
-_BLOCKS_PER_CALL = 4
+# waiting for a core).
+_BLOCKS_PER_CALL = 8
 
 
 def squared_norm(t: Tensor) -> float:
@@ -38,14 +38,18 @@ def block_squared_norms(flat: Tensor) -> list[float]:
             float(torch.linalg.vector_norm(flat[i : i + SQ_NORM_BLOCK], dtype=torch.float64)) ** 2
             for i in range(0, flat.numel(), SQ_NORM_BLOCK)
         ]
+    # einsum widens to float64 in small buffered pieces: no model-sized temporary (fresh memory costs page
+    # faults that, on a VM, take longer than the arithmetic).
     values, out = flat.numpy(), []
     full = values.size // SQ_NORM_BLOCK
     for row in range(0, full, _BLOCKS_PER_CALL):
-        rows = values[row * SQ_NORM_BLOCK : min(row + _BLOCKS_PER_CALL, full) * SQ_NORM_BLOCK]
-        squares = np.square(rows.reshape(-1, SQ_NORM_BLOCK), dtype=np.float64)
-        out.extend(np.add.reduce(squares, axis=1).tolist())
+        rows = values[row * SQ_NORM_BLOCK : min(row + _BLOCKS_PER_CALL, full) * SQ_NORM_BLOCK].reshape(
+            -1, SQ_NORM_BLOCK
+        )
+        out.extend(np.einsum("ij,ij->i", rows, rows, dtype=np.float64).tolist())
     if values.size > full * SQ_NORM_BLOCK:
-        out.append(float(np.add.reduce(np.square(values[full * SQ_NORM_BLOCK :], dtype=np.float64))))
+        tail = values[full * SQ_NORM_BLOCK :]
+        out.append(float(np.einsum("i,i->", tail, tail, dtype=np.float64)))
     return out
 
 
