@@ -1,6 +1,8 @@
 """The gRPC worker transport: the worker loop's calls as RPCs to a ``parle coordinator``.
 
-Tensors travel chunked (<= 1 MiB) through the codec; a background thread renews the lease with
+Exchange rounds go over the coordinator's data channel when its Join reply offers one (a raw TCP/TLS
+socket: worker/transports/datachannel.py), else, or when it cannot be reached, as Exchange streams; every
+other tensor travels chunked (<= 1 MiB) through the codec. A background thread renews the lease with
 heartbeats while the worker computes. RPC failures become ``CoordinatorError`` with the status name as
 code, so the worker loop can tell "rejoin" (UNAVAILABLE, NOT_FOUND, ...) from "give up".
 """
