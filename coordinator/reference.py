@@ -96,14 +96,16 @@ class SyncMean:
             raise ValueError("no coupled averages were reported for this round")
         total, count = self._sum, self.count
         mean = torch.empty(total.shape, dtype=self._dtype)
-        # One pass: divide the float64 sum straight into the narrower mean (the sum itself is not written).
-        _elementwise(
-            lambda out, x: np.divide(x, count, out=out, casting="same_kind"),
-            mean,
-            total,
-            lambda: torch.div(total, count, out=mean),
-        )
-        spread = self._sq_norms / count - squared_norm(total) / count**2
+        if self._dtype == torch.bfloat16:
+            torch.div(total, count, out=mean)
+            total_sq = squared_norm(total)
+        else:  # one pass: each block of the sum is divided into the narrower mean and squared while in cache
+            t, m, total_sq = total.numpy(), mean.numpy(), 0.0
+            for i in range(0, t.size, SQ_NORM_BLOCK):
+                block = t[i : i + SQ_NORM_BLOCK]
+                np.divide(block, count, out=m[i : i + SQ_NORM_BLOCK], casting="same_kind")
+                total_sq += float(np.einsum("i,i->", block, block))
+        spread = self._sq_norms / count - total_sq / count**2
         self._spare, self._sum = total, None
         return mean, max(spread, 0.0) ** 0.5
 
