@@ -68,9 +68,11 @@ def recording(recorder: Recorder) -> Iterator[None]:
     """Wrap ``Job.report`` (both runtimes call it once per worker and round) for the duration."""
     original = Job.report
 
-    def report(self: Job, worker_id: str, round: int, mu: Tensor, stats: RoundStats) -> ExchangeReply | None:
+    def report(
+        self: Job, worker_id: str, round: int, mu: Tensor, stats: RoundStats, *, sq_norm: float | None = None
+    ) -> ExchangeReply | None:
         recorder.report(round, stats)
-        return original(self, worker_id, round, mu, stats)
+        return original(self, worker_id, round, mu, stats, sq_norm=sq_norm)
 
     Job.report = report  # type: ignore[method-assign]
     try:

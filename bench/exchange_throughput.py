@@ -10,10 +10,14 @@ the coupled average + download of the new reference = 2x the bytes). The baselin
   what gRPC's Python stack costs by itself, without protobuf, the codec or the coordinator.
 
 All three are interleaved call by call, so drift in machine load hits them alike; figures are medians.
-Target (issue): exchange >= 0.6x TCP for 8 MiB and up.
+Target (issue): exchange >= 0.6x TCP for 8 MiB and up. The exchange is timed twice: over the coordinator's
+data channel (the default path) and over gRPC Exchange streams (the fallback, ``data_channel=False``).
 
     python -m bench.exchange_throughput [--sizes-mb 1 8 100] [--repeats N] [--fp16-mb 100] [--breakdown]
-                                        [--coordinator inprocess|subprocess]
+                                        [--coordinator inprocess|subprocess] [--json]
+
+``--json`` prints one JSON object per size and wire format instead of the table, with the ratios to TCP
+of the same run (``exchange_over_tcp``, ``streams_over_tcp``, ``raw_grpc_over_tcp``).
 
 By default the coordinator runs in this process, as asked by the issue, so it shares the GIL with the
 client; ``--coordinator subprocess`` runs ``python -m cluster.cli coordinator`` instead. ``--breakdown``
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import socket
 import statistics
 import struct
@@ -160,12 +165,18 @@ def coordinator_target(where: str, state_dir: Path) -> Iterator[Target]:
 
 
 @contextlib.contextmanager
-def grpc_exchanger(target: Target, size: int, compression: str) -> Iterator[Callable[[], None]]:
-    """A joined transport on its own job; yields a function doing one exchange of a ``size``-byte tensor."""
-    job_id = target.submit(job_spec(f"xput-{size // MiB}mib-{compression}", compression))
-    transport = GrpcTransport(target.address, job_id=job_id, timeout_s=600.0)
+def grpc_exchanger(
+    target: Target, size: int, compression: str, data_channel: bool = True
+) -> Iterator[Callable[[], None]]:
+    """A joined transport on its own job; yields a function doing one exchange of a ``size``-byte tensor
+    (over the coordinator's data channel, or with ``data_channel=False`` over gRPC Exchange streams)."""
+    path = "data" if data_channel else "streams"
+    job_id = target.submit(job_spec(f"xput-{size // MiB}mib-{compression}-{path}", compression))
+    transport = GrpcTransport(target.address, job_id=job_id, timeout_s=600.0, data_channel=data_channel)
     try:
         grant = transport.join("bench", "cpu")
+        if data_channel and transport.data is None:
+            raise RuntimeError("the data channel did not connect; see the warning above")
         mu = torch.randn(size // 4)
         state = {"round": grant.values.round}
 
@@ -186,15 +197,21 @@ def timed(fn: Callable[[], None]) -> float:
 
 
 def measure(target: Target, grpc_echo: GrpcEcho, size: int, repeats: int, compression: str) -> dict[str, float]:
-    """Median seconds of one exchange, one raw gRPC echo and one TCP round trip of ``size`` bytes,
-    interleaved call by call; MiB/s counts both directions (2x the float32 tensor)."""
+    """Median seconds of one exchange (data channel, and over gRPC streams: the fallback), one raw gRPC echo
+    and one TCP round trip of ``size`` bytes, interleaved call by call; MiB/s counts both directions (2x the
+    float32 tensor)."""
     raw = torch.randn(size // 4).numpy().tobytes()
     payload = memoryview(bytearray(raw))
     chunks = [raw[i : i + MAX_CHUNK_BYTES] for i in range(0, size, MAX_CHUNK_BYTES)]
     into = memoryview(bytearray(size))
-    with TcpEcho(size) as tcp_echo, grpc_exchanger(target, size, compression) as exchange:
+    with (
+        TcpEcho(size) as tcp_echo,
+        grpc_exchanger(target, size, compression) as exchange,
+        grpc_exchanger(target, size, compression, data_channel=False) as exchange_streams,
+    ):
         contenders: dict[str, Callable[[], None]] = {
             "exchange": exchange,
+            "streams": exchange_streams,
             "grpc": lambda: grpc_echo.round_trip(chunks, into),
             "tcp": lambda: tcp_echo.round_trip(payload, into),
         }
@@ -262,16 +279,22 @@ def main(argv: list[str] | None = None) -> None:
         "--coordinator", choices=["inprocess", "subprocess"], default="inprocess",
         help="where the coordinator runs (the echo baselines always run in this process)",
     )  # fmt: skip
+    parser.add_argument(
+        "--json", action="store_true",
+        help="one JSON object per size (size_mib, wire, exchange_over_tcp, streams_over_tcp, raw_grpc_over_tcp, ...)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     torch.manual_seed(0)
-    print(
-        f"coordinator {args.coordinator}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
-        "MiB = 2^20 bytes; throughput counts upload + download (2x the tensor), median over the repeats"
-    )
-    print(
-        f"{'size MiB':>9}{'wire':>6}{'reps':>6}{'exchange ms':>13}{'exchange MiB/s':>16}{'raw gRPC MiB/s':>16}"
-        f"{'TCP MiB/s':>11}{'exch/TCP':>10}{'raw gRPC/TCP':>14}"
-    )
+    if not args.json:
+        print(
+            f"coordinator {args.coordinator}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
+            "MiB = 2^20 bytes; throughput counts upload + download (2x the tensor), median over the repeats;\n"
+            "exchange: over the data channel (the default); streams: over gRPC Exchange streams (the fallback)"
+        )
+        print(
+            f"{'size MiB':>9}{'wire':>6}{'reps':>6}{'exchange ms':>13}{'exchange MiB/s':>16}{'streams MiB/s':>15}"
+            f"{'raw gRPC MiB/s':>16}{'TCP MiB/s':>11}{'exch/TCP':>10}{'streams/TCP':>13}{'raw gRPC/TCP':>14}"
+        )
     runs = [(mb, "none") for mb in args.sizes_mb] + [(mb, "fp16") for mb in args.fp16_mb]
     with (
         tempfile.TemporaryDirectory(prefix="bench-xput-") as tmp,
@@ -284,10 +307,25 @@ def main(argv: list[str] | None = None) -> None:
             r = measure(target, grpc_echo, size, repeats, compression)
             wire = "fp32" if compression == "none" else compression
             # With fp16 the wire carries half the bytes; MiB/s still counts the float32 tensor's bytes.
+            ratios = {name: r[f"{name}_mbs"] / r["tcp_mbs"] for name in ("exchange", "streams", "grpc")}
+            if args.json:
+                record = {
+                    "size_mib": mb,
+                    "wire": wire,
+                    "repeats": repeats,
+                    "exchange_over_tcp": round(ratios["exchange"], 3),
+                    "streams_over_tcp": round(ratios["streams"], 3),
+                    "raw_grpc_over_tcp": round(ratios["grpc"], 3),
+                    **{f"{name}_ms": round(1e3 * r[f"{name}_s"], 2) for name in ("exchange", "streams", "grpc", "tcp")},
+                    **{f"{name}_mib_s": round(r[f"{name}_mbs"]) for name in ("exchange", "streams", "grpc", "tcp")},
+                    "coordinator": args.coordinator,
+                }
+                print(json.dumps(record), flush=True)
+                continue
             print(
                 f"{mb:>9g}{wire:>6}{repeats:>6}{1e3 * r['exchange_s']:>13.1f}{r['exchange_mbs']:>16.0f}"
-                f"{r['grpc_mbs']:>16.0f}{r['tcp_mbs']:>11.0f}{r['exchange_mbs'] / r['tcp_mbs']:>9.2f}x"
-                f"{r['grpc_mbs'] / r['tcp_mbs']:>13.2f}x",
+                f"{r['streams_mbs']:>15.0f}{r['grpc_mbs']:>16.0f}{r['tcp_mbs']:>11.0f}{ratios['exchange']:>9.2f}x"
+                f"{ratios['streams']:>12.2f}x{ratios['grpc']:>13.2f}x",
                 flush=True,
             )
         if args.breakdown:

@@ -6,7 +6,11 @@ memory can be read from ``/proc/PID/status`` (VmRSS now, VmHWM = peak). Each rou
 short "chain" and exchanges a random float32 tensor of P elements. A fresh coordinator is started for
 every (P, N), so each peak belongs to one configuration.
 
-    python -m bench.scale [--workers 8 64] [--params 1000000 4000000] [--rounds 3] [--chain-ms 5]
+    python -m bench.scale [--workers 8 64] [--params 1000000 4000000] [--rounds 3] [--chain-ms 5] [--streams]
+
+Workers exchange over the coordinator's data channel (``--streams``: over gRPC Exchange streams, the
+fallback). "TCP bound" is what a round's bytes (every upload and every download) take through one loopback
+TCP link, measured in the same run, plus the simulated chain.
 
 The point: the coordinator decodes at most a few uploads at once and adds each into a running sum, so
 its peak memory should grow with the model size P, not with N x P. The last lines print the ratio
@@ -80,7 +84,9 @@ def job_yaml(workers: int) -> str:
     return yaml.safe_dump(spec)
 
 
-def run_workers(address: str, job_id: str, n: int, mus: list[torch.Tensor], rounds: int, chain_s: float) -> list[float]:
+def run_workers(
+    address: str, job_id: str, n: int, mus: list[torch.Tensor], rounds: int, chain_s: float, data_channel: bool = True
+) -> list[float]:
     """Run ``rounds`` rounds with ``n`` worker threads; returns when each round ended (its last reply)."""
     ends = [[0.0] * rounds for _ in range(n)]
     errors: list[BaseException] = []
@@ -88,8 +94,10 @@ def run_workers(address: str, job_id: str, n: int, mus: list[torch.Tensor], roun
 
     def worker(i: int) -> None:
         try:
-            with GrpcTransport(address, job_id=job_id, timeout_s=300.0) as transport:
+            with GrpcTransport(address, job_id=job_id, timeout_s=300.0, data_channel=data_channel) as transport:
                 values = transport.join(f"sim-{i}", "cpu", i).values
+                if data_channel and transport.data is None:
+                    raise RuntimeError("the data channel did not connect")
                 for r in range(rounds):
                     time.sleep(chain_s)
                     reply = transport.exchange(values.round, mus[i % len(mus)], stats)
@@ -108,8 +116,31 @@ def run_workers(address: str, job_id: str, n: int, mus: list[torch.Tensor], roun
     return [max(ends[i][r] for i in range(n)) for r in range(rounds)]
 
 
+def tcp_bound_s(params: int, n: int, repeats: int = 5) -> float:
+    """What one TCP link on loopback needs to move a round's bytes: n uploads and n downloads of ``params``
+    float32, from the median of ``repeats`` echoes of one model (the baseline of bench.exchange_throughput)."""
+    from bench.exchange_throughput import TcpEcho  # it imports this module
+
+    size = 4 * params
+    payload, into = memoryview(bytearray(size)), memoryview(bytearray(size))
+    with TcpEcho(size) as echo:
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            echo.round_trip(payload, into)
+            times.append(time.perf_counter() - start)
+    return n * statistics.median(times)
+
+
 def measure(
-    params: int, n: int, rounds: int, warmup: int, chain_s: float, root: Path, env: dict[str, str]
+    params: int,
+    n: int,
+    rounds: int,
+    warmup: int,
+    chain_s: float,
+    root: Path,
+    env: dict[str, str],
+    data_channel: bool = True,
 ) -> dict[str, float]:
     gen = torch.Generator().manual_seed(0)
     mus = [torch.randn(params, generator=gen) for _ in range(min(n, DISTINCT_TENSORS))]
@@ -117,7 +148,7 @@ def measure(
         idle = coord.memory_mb()["VmRSS"]
         with JobsClient(Endpoint(coord.address)) as client:
             job_id = client.submit(job_yaml(n))
-            ends = run_workers(coord.address, job_id, n, mus, warmup + rounds, chain_s)
+            ends = run_workers(coord.address, job_id, n, mus, warmup + rounds, chain_s, data_channel)
             memory = coord.memory_mb()
             client.cancel(job_id)
     gaps = [b - a for a, b in zip(ends[warmup - 1 :], ends[warmup:], strict=False)]
@@ -128,6 +159,7 @@ def measure(
         "rss_mb": memory["VmRSS"],
         "peak_mb": memory["VmHWM"],
         "model_mb": params * 4 / MB,
+        "tcp_bound_s": tcp_bound_s(params, n) + chain_s,
     }
 
 
@@ -142,6 +174,9 @@ def main(argv: list[str] | None = None) -> None:
         "--coordinator-env", nargs="*", default=[], metavar="KEY=VALUE",
         help="extra environment for the coordinator only, e.g. MALLOC_ARENA_MAX=2",
     )  # fmt: skip
+    parser.add_argument(
+        "--streams", action="store_true", help="workers exchange over gRPC streams (default: the data channel)"
+    )
     args = parser.parse_args(argv)
     env = dict(item.split("=", 1) for item in args.coordinator_env)
     if args.warmup < 1 or args.rounds < 1:
@@ -149,22 +184,25 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"simulated workers: threads in one process, chain {args.chain_ms:g} ms; coordinator: a subprocess, "
         f"fresh per row; MB = 1e6 bytes; {args.rounds} timed rounds after {args.warmup} warm-up; "
-        f"coordinator env: {' '.join(args.coordinator_env) or 'unchanged'}"
+        f"coordinator env: {' '.join(args.coordinator_env) or 'unchanged'}; exchanges over "
+        f"{'gRPC streams' if args.streams else 'the data channel'}; TCP bound: a round's bytes (2 x workers x "
+        "model) through one loopback TCP echo, measured after each row, plus the chain"
     )
     print(
-        f"{'params':>11}{'model MB':>10}{'workers':>9}{'rounds/s':>10}{'round s':>9}{'idle RSS MB':>13}"
-        f"{'peak RSS MB':>13}{'peak-idle MB':>14}{'(peak-idle)/model':>19}"
+        f"{'params':>11}{'model MB':>10}{'workers':>9}{'rounds/s':>10}{'round s':>9}{'TCP bound s':>13}"
+        f"{'round/bound':>13}{'idle RSS MB':>13}{'peak RSS MB':>13}{'peak-idle MB':>14}{'(peak-idle)/model':>19}"
     )
     results: dict[tuple[int, int], dict[str, float]] = {}
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:
         for params in args.params:
             for n in args.workers:
-                r = measure(params, n, args.rounds, args.warmup, args.chain_ms / 1e3, Path(tmp), env)
+                r = measure(params, n, args.rounds, args.warmup, args.chain_ms / 1e3, Path(tmp), env, not args.streams)
                 results[params, n] = r
                 grown = r["peak_mb"] - r["idle_mb"]
                 print(
                     f"{params:>11,}{r['model_mb']:>10.1f}{n:>9}{r['rounds_per_s']:>10.2f}{r['median_round_s']:>9.2f}"
+                    f"{r['tcp_bound_s']:>13.2f}{r['median_round_s'] / r['tcp_bound_s']:>12.2f}x"
                     f"{r['idle_mb']:>13.0f}{r['peak_mb']:>13.0f}{grown:>14.0f}{grown / r['model_mb']:>18.1f}x",
                     flush=True,
                 )

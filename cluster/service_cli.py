@@ -100,6 +100,8 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
             upload_idle_s=args.upload_idle_s,
             max_pending_jobs=args.max_pending_jobs,
             metrics_retention_s=args.metrics_retention_s,
+            data_channel=not args.no_data_channel,
+            data_port=args.data_port,
         )
     except StateDirLocked as err:
         print(f"parle coordinator: {err}", file=sys.stderr)
@@ -135,7 +137,14 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
         start_http_server(args.metrics_port, addr=args.metrics_addr)
     endpoint = Endpoint.resolve(args.coordinator, args.token_file, args.ca_cert)
-    with GrpcTransport(endpoint.address, endpoint.token, endpoint.ca_cert, job_id=args.job) as transport:
+    with GrpcTransport(
+        endpoint.address,
+        endpoint.token,
+        endpoint.ca_cert,
+        job_id=args.job,
+        data_channel=not args.no_data_channel,
+        data_address=args.data_address,
+    ) as transport:
         loop = WorkerLoop(
             transport,
             args.name,
@@ -256,6 +265,13 @@ def add_service_commands(sub: argparse._SubParsersAction) -> None:
         "--metrics-retention-s", type=float, default=3600.0, help="keep a finished job's Prometheus series this long"
     )
     co.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus /metrics on this port (0: off)")
+    co.add_argument(
+        "--data-port", type=int, default=0,
+        help="port of the data channel, the raw-socket path for Exchange rounds, on --listen's host (0: any free port)",
+    )  # fmt: skip
+    co.add_argument(
+        "--no-data-channel", action="store_true", help="exchange over gRPC streams only (offer no data channel)"
+    )
     co.set_defaults(func=cmd_coordinator)
 
     wk = sub.add_parser("worker", help="run a worker: one replica at a time for a coordinator")
@@ -282,6 +298,8 @@ def add_service_commands(sub: argparse._SubParsersAction) -> None:
         help="read a job's data.root only under DIR, symlinks resolved (repeatable; "
         "default: /usr/share/datasets/fashion-mnist)",
     )
+    wk.add_argument("--no-data-channel", action="store_true", help="exchange over gRPC streams only")
+    wk.add_argument("--data-address", metavar="HOST:PORT", help="reach the data channel here (default: gRPC's host)")
     wk.set_defaults(func=cmd_worker)
 
     sm = sub.add_parser("submit", help="submit a job; prints its id")

@@ -17,6 +17,7 @@ update never changes the center or the model. Events (rounds, evals, checkpoints
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -30,7 +31,7 @@ from coordinator.checkpoint import Checkpoint, CheckpointStore, CheckpointWriteE
 from coordinator.events import MetricsLog, read_events, save_tensors
 from coordinator.job_records import ClosedRound, JobState, Member, PendingModel
 from coordinator.logtext import capped
-from coordinator.reference import SyncMean, easgd_center_step_
+from coordinator.reference import SyncMean, easgd_center_step_, squared_norm
 from coordinator.replica_check import check_replica_state
 from coordinator.round_state import FILE as ROUND_STATE_FILE
 from coordinator.round_state import RoundState, RoundStateWriter
@@ -177,7 +178,10 @@ class Job:
                 "FAILED_PRECONDITION", f"job {self.job_id} is {self.state.value}: {self.message}".rstrip(": ")
             )
 
-    def _check_tensor(self, mu: Tensor, what: str = "coupled average") -> None:
+    def _check_tensor(self, mu: Tensor, what: str = "coupled average", sq_norm: float | None = None) -> float | None:
+        """Raise INVALID_ARGUMENT for a tensor that may not reach the center; returns ``squared_norm(mu)`` (its
+        pass is the finite check; ``sq_norm``: the caller computed it as the bytes arrived), or None when
+        that overflowed for finite float64 values."""
         if mu.dim() != 1 or not mu.is_floating_point():
             raise CoordinatorError(
                 "INVALID_ARGUMENT",
@@ -188,8 +192,12 @@ class Job:
                 "INVALID_ARGUMENT",
                 f"{what} has {mu.numel()} elements, the center has {self.center.numel()}",
             )
+        sq = squared_norm(mu) if sq_norm is None else sq_norm
+        if math.isfinite(sq):
+            return sq
         if not bool(torch.isfinite(mu).all()):
             raise CoordinatorError("INVALID_ARGUMENT", f"{what} contains NaN or Inf")
+        return None
 
     def _values(self, k: int) -> RoundValues:
         if self.schedule is None:
@@ -450,14 +458,17 @@ class Job:
         early = self.report(worker_id, round, mu, stats)
         return early if early is not None else self.await_round(worker_id, round, timeout)
 
-    def report(self, worker_id: str, round: int, mu: Tensor, stats: RoundStats) -> ExchangeReply | None:
+    def report(
+        self, worker_id: str, round: int, mu: Tensor, stats: RoundStats, *, sq_norm: float | None = None
+    ) -> ExchangeReply | None:
         """Validate and add a coupled average (async: the replica's x after its local step); the caller may
         drop ``mu`` afterwards (the sum keeps no reference to it), so waiting workers hold no model-sized
-        memory. Async rounds reply at once."""
+        memory. Async rounds reply at once. ``sq_norm``: ``squared_norm(mu)``, from a caller that computed it
+        (and so checked ``mu`` finite) while receiving it."""
         with self._cond:
             self._require_running()
             member = self._member(worker_id)
-            self._check_tensor(mu)
+            sq_norm = self._check_tensor(mu, sq_norm=sq_norm)
             if stats.train_size > 0:
                 self._learn_train_size(stats.train_size, f"replica {member.replica}")
             elif self.schedule is None:
@@ -476,7 +487,7 @@ class Job:
                 raise CoordinatorError(
                     "FAILED_PRECONDITION", f"{what} round {round}: job {self.job_id} is in round {self.round}"
                 )
-            self._sum.add(mu)
+            self._sum.add(mu, sq_norm)
             self._stats.append(stats)
             self._apply(self._rounds.report(worker_id, time.monotonic()))
             return None
@@ -580,7 +591,7 @@ class Job:
                 del self._eval_duties[min(self._eval_duties)]
         self.last_train_loss = sum(losses) / len(losses)
         self.round = k + 1
-        self._sum = SyncMean()
+        self._sum.reset()  # keeps the sum's buffer for the next round
         self._stats = []
         self._rounds.round_closed(now)
         self._save_round_state(new_round=True)

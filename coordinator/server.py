@@ -26,11 +26,13 @@ from safetensors.torch import load_file
 from coordinator import metrics
 from coordinator.auth import TokenInterceptor, server_credentials
 from coordinator.checkpoint import CheckpointStore
+from coordinator.datachannel import DataChannelServer, server_ssl_context
 from coordinator.events import read_events
 from coordinator.job import Job
 from coordinator.logtext import capped
 from coordinator.registry import JobRecord, registry_token
 from coordinator.service import MAX_PENDING_JOBS, METRICS_RETENTION_S, RELEASE_AFTER_S, JobManager
+from protos import frames
 from protos import parle_pb2 as pb
 from protos import parle_pb2_grpc as pb_grpc
 from protos.codec import (
@@ -392,10 +394,13 @@ class Limits:
 
 
 class CoordinatorServicer(pb_grpc.CoordinatorServicer):
-    def __init__(self, manager: JobManager, limits: Limits | None = None) -> None:
+    def __init__(
+        self, manager: JobManager, limits: Limits | None = None, data: DataChannelServer | None = None
+    ) -> None:
         self.manager = manager
         self.limits = limits or Limits()
         self.streams = self.limits.streams
+        self.data = data  # offered in Join replies to workers that ask for it
 
     def _member_job(self, job_id: str, worker_id: str) -> Job:
         _require(bool(worker_id), "worker_id is empty: call Join first")
@@ -435,6 +440,9 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             seed_center=grant.seed_center,
             resume_duties=directives_to_pb(grant.resume_duties),
         )
+        if self.data is not None and frames.FEATURE in request.capabilities.features:
+            header.data_port = self.data.port
+            header.data_ticket = self.data.tickets.issue(grant.job_id, grant.worker_id)
         yield pb.JoinChunk(header=header)
         yield from tensor_chunks(encoded.chunks, pb.JoinChunk)
 
@@ -740,6 +748,8 @@ class CoordinatorServer:
         max_pending_jobs: int = MAX_PENDING_JOBS,
         release_after_s: float = RELEASE_AFTER_S,
         metrics_retention_s: float = METRICS_RETENTION_S,
+        data_channel: bool = True,
+        data_port: int = 0,
     ) -> None:
         self.manager = JobManager(
             state_dir,
@@ -759,21 +769,39 @@ class CoordinatorServer:
             options=KEEPALIVE_OPTIONS,
             maximum_concurrent_rpcs=2 * threads,
         )
-        pb_grpc.add_CoordinatorServicer_to_server(CoordinatorServicer(self.manager, self.limits), self.server)
-        pb_grpc.add_JobsServicer_to_server(JobsServicer(self.manager, self.limits), self.server)
         creds = server_credentials(tls_cert, tls_key)
         host = listen.rsplit(":", 1)[0]
+        # The data channel (coordinator/datachannel.py): the same interface as gRPC, a port of its own.
+        self.data = (
+            DataChannelServer(
+                self.manager,
+                self.limits,
+                host,
+                data_port,
+                worker_token=(worker_token or token) if secured else None,
+                ssl_context=server_ssl_context(tls_cert, tls_key),
+            )
+            if data_channel
+            else None
+        )
+        pb_grpc.add_CoordinatorServicer_to_server(
+            CoordinatorServicer(self.manager, self.limits, self.data), self.server
+        )
+        pb_grpc.add_JobsServicer_to_server(JobsServicer(self.manager, self.limits), self.server)
         self.port = self.server.add_secure_port(listen, creds) if creds else self.server.add_insecure_port(listen)
         if self.port == 0:
+            if self.data is not None:
+                self.data.close()
             raise OSError(f"--listen {listen}: could not bind")
         self.address = f"{host}:{self.port}"
         self.server.start()
         self._closed = False
         log.info(
-            "coordinator listening on %s (%s, %s)",
+            "coordinator listening on %s (%s, %s); data channel %s",
             self.address,
             "TLS" if creds else "plaintext",
             "tokens required" if secured else "no token",
+            f"on port {self.data.port}" if self.data is not None else "off",
         )
 
     def wait(self) -> None:
@@ -787,6 +815,8 @@ class CoordinatorServer:
         self.limits.close()  # new Join, Exchange and Submit calls are refused from here on
         self.manager.checkpoint_all()
         self.manager.close_jobs()  # wakes handlers waiting on a round or a model; they answer UNAVAILABLE
+        if self.data is not None:
+            self.data.close()
         self.server.stop(grace).wait()
         self.manager.close()
 

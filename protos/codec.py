@@ -136,25 +136,62 @@ def encode_tensors(
         if not name or name in seen:
             raise CodecError(f"tensor {index}: name {name!r} is empty or repeated; names must be unique")
         seen.add(name)
-        dtype = to_proto_dtype(tensor.dtype)
-        applied = compression if compression in _NARROWED and tensor.dtype in _NARROWABLE else None
-        wire = tensor.detach()
-        if applied is not None:
-            wire = wire.to(_NARROWED[applied])
-        view = _byte_view(wire.to("cpu"))
-        headers.append(
-            pb.TensorHeader(
-                name=name,
-                dtype=dtype,
-                shape=list(tensor.shape),
-                total_bytes=view.size,
-                num_chunks=math.ceil(view.size / chunk_bytes),
-                compression=pb.COMPRESSION_NONE if applied is None else applied,
-                sha256=hashlib.sha256(view.data).digest() if sha256 else b"",
-            )
-        )
+        header, view = wire_view(name, tensor, compression, chunk_bytes)
+        if sha256:
+            header.sha256 = hashlib.sha256(view.data).digest()
+        headers.append(header)
         views.append(view)
     return EncodedTensors(headers, _iter_chunks(views, chunk_bytes))
+
+
+def wire_view(
+    name: str,
+    tensor: torch.Tensor,
+    compression: pb.Compression = pb.COMPRESSION_NONE,
+    chunk_bytes: int = MAX_CHUNK_BYTES,
+) -> tuple[pb.TensorHeader, np.ndarray]:
+    """One tensor's header and its wire bytes as a flat uint8 array: the tensor's own memory when it is a
+    contiguous CPU tensor sent uncompressed (the data channel sends from it without a copy), else a copy
+    (narrowed on the tensor's device first, so a GPU tensor crosses to the host at half size)."""
+    dtype = to_proto_dtype(tensor.dtype)
+    applied = compression if compression in _NARROWED and tensor.dtype in _NARROWABLE else None
+    wire = tensor.detach()
+    if applied is not None:
+        wire = wire.to(_NARROWED[applied])
+    view = _byte_view(wire.to("cpu"))
+    header = pb.TensorHeader(
+        name=name,
+        dtype=dtype,
+        shape=list(tensor.shape),
+        total_bytes=view.size,
+        num_chunks=math.ceil(view.size / chunk_bytes),
+        compression=pb.COMPRESSION_NONE if applied is None else applied,
+    )
+    return header, view
+
+
+@dataclass(frozen=True)
+class WireLayout:
+    """What a validated header announces: the decoded dtype, the dtype on the wire, the shape."""
+
+    dtype: torch.dtype
+    wire_dtype: torch.dtype
+    shape: tuple[int, ...]
+
+
+def check_headers(
+    headers: Sequence[pb.TensorHeader],
+    *,
+    expected: Mapping[str, TensorSpec | torch.Tensor] | None = None,
+    max_total_bytes: int | None = None,
+    context: str = "",
+) -> list[WireLayout]:
+    """Validate a header set exactly as ``TensorAssembler`` does, without allocating anything (for
+    receivers that read the bytes themselves, such as the data channel); raises ``CodecError``."""
+    assembler = TensorAssembler(
+        headers, expected=expected, max_total_bytes=max_total_bytes, context=context, allocate=False
+    )
+    return [WireLayout(slot.dtype, slot.wire_dtype, slot.shape) for slot in assembler._slots]
 
 
 def _byte_view(tensor: torch.Tensor) -> np.ndarray:
@@ -223,6 +260,7 @@ class TensorAssembler:
         max_chunk_bytes: int = MAX_CHUNK_BYTES,
         max_total_bytes: int | None = None,
         context: str = "",
+        allocate: bool = True,
     ) -> None:
         self._prefix = f"{context}: " if context else ""
         self._require_finite = require_finite
@@ -232,7 +270,8 @@ class TensorAssembler:
         self._cursor = 0  # index of the tensor whose next chunk is due
         self._failed = False
         self._check_set(expected, max_total_bytes)
-        self._advance()
+        if allocate:  # False: a header check only (``check_headers``)
+            self._advance()
 
     @property
     def done(self) -> bool:

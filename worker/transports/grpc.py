@@ -1,6 +1,8 @@
 """The gRPC worker transport: the worker loop's calls as RPCs to a ``parle coordinator``.
 
-Tensors travel chunked (<= 1 MiB) through the codec; a background thread renews the lease with
+Exchange rounds go over the coordinator's data channel when its Join reply offers one (a raw TCP/TLS
+socket: worker/transports/datachannel.py), else, or when it cannot be reached, as Exchange streams; every
+other tensor travels chunked (<= 1 MiB) through the codec. A background thread renews the lease with
 heartbeats while the worker computes. RPC failures become ``CoordinatorError`` with the status name as
 code, so the worker loop can tell "rejoin" (UNAVAILABLE, NOT_FOUND, ...) from "give up".
 """
@@ -15,6 +17,7 @@ from pathlib import Path
 
 from torch import Tensor
 
+from protos import frames
 from protos import parle_pb2 as pb
 from protos import parle_pb2_grpc as pb_grpc
 from protos.codec import encode_tensors
@@ -22,6 +25,7 @@ from protos.messages import CoordinatorError, EvalReport, ExchangeReply, JoinGra
 from protos.rpc import call, open_channel
 from protos.spec import resolve
 from protos.wire import SPLITS, directives_from_pb, receive_tensors, tensor_chunks, values_from_pb
+from worker.transports.datachannel import DataChannel, DataChannelRefused, Unsent
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +38,18 @@ class GrpcTransport:
         ca_cert: Path | None = None,
         job_id: str | None = None,
         timeout_s: float = 60.0,
+        data_channel: bool = True,
+        data_address: str | None = None,
     ) -> None:
         self.address = address
+        self.token, self.ca_cert = token, ca_cert
+        # Exchange over the coordinator's data channel when it offers one (worker/transports/datachannel.py);
+        # False, or a channel that cannot be reached: Exchange streams.
+        self.use_data_channel = data_channel
+        self.data_address = data_address  # HOST:PORT where the data channel is reached, when not gRPC's host
+        self.data: DataChannel | None = None
+        self._data_warned = False
+        self.data_exchanges = 0  # rounds the data channel carried, refused ones too (the rest: Exchange streams)
         self.channel = open_channel(address, ca_cert)
         self.stub = pb_grpc.CoordinatorStub(self.channel)
         self.metadata = [("authorization", f"Bearer {token}")] if token else []
@@ -54,6 +68,8 @@ class GrpcTransport:
         self, name: str, device: str, want_replica: int | None = None, resume_round: int | None = None
     ) -> JoinGrant:
         request = pb.JoinRequest(worker_name=name, device=device, job_id=self.wanted_job or "")
+        if self.use_data_channel:
+            request.capabilities.features.append(frames.FEATURE)
         if want_replica is not None:
             request.replica_index = want_replica
         if resume_round is not None:
@@ -67,6 +83,7 @@ class GrpcTransport:
         self._compression = head.upload_compression or pb.COMPRESSION_NONE
         self._round_timeout_s = spec.optim.round_deadline_s + self.timeout_s
         self._start_heartbeats(max(head.lease_seconds / 3.0, 0.2))
+        self._open_data_channel(head, device)
         return JoinGrant(
             worker_id=head.worker_id,
             job_id=head.job_id,
@@ -80,6 +97,40 @@ class GrpcTransport:
             resume=head.start == pb.START_KIND_OWN_STATE,
             resume_duties=directives_from_pb(head.resume_duties),
         )
+
+    def _open_data_channel(self, head: pb.JoinHeader, device: str) -> None:
+        self._close_data_channel()
+        if not (self.use_data_channel and head.data_port):
+            return
+        host, port = self.address.rsplit(":", 1)[0], head.data_port
+        if self.data_address is not None:  # e.g. through a proxy or a NAT that maps the port
+            host, _, given = self.data_address.rpartition(":")
+            port = int(given)
+        try:
+            self.data = DataChannel.connect(
+                host.strip("[]"),
+                port,
+                job_id=head.job_id,
+                worker_id=head.worker_id,
+                ticket=head.data_ticket,
+                token=self.token,
+                ca_cert=self.ca_cert,
+                device=device,
+            )
+        except DataChannelRefused as err:
+            self._data_fallback(str(err))
+
+    def _data_fallback(self, why: str) -> None:
+        """Exchange over gRPC from now on (until the next join); say so once per transport."""
+        self._close_data_channel()
+        if not self._data_warned:
+            self._data_warned = True
+            log.warning("data channel unusable (%s): exchanging over gRPC streams", why)
+
+    def _close_data_channel(self) -> None:
+        if self.data is not None:
+            self.data.close()
+            self.data = None
 
     def _start_heartbeats(self, every_s: float) -> None:
         self._stop_heartbeats.set()
@@ -107,6 +158,7 @@ class GrpcTransport:
 
     def leave(self) -> None:
         self._stop_heartbeats.set()
+        self._close_data_channel()
         if self.worker_id:
             request = pb.LeaveRequest(worker_id=self.worker_id, job_id=self.job_id)
             self.worker_id = ""
@@ -119,18 +171,25 @@ class GrpcTransport:
     # ----- rounds --------------------------------------------------------------------------------
 
     def exchange(self, round: int, mu: Tensor, stats: RoundStats) -> ExchangeReply:
+        if self.data is not None:
+            upload = self._upload_header(round, stats, [])
+            try:
+                down, reference = self.data.exchange(upload, mu, self._compression, self._round_timeout_s)
+            except CoordinatorError:  # the coordinator refused the round (the channel stays usable)
+                self.data_exchanges += 1
+                raise
+            except Unsent as err:  # nothing reached the coordinator: this round goes over gRPC
+                self._data_fallback(f"connection lost before the upload: {err}")
+            except (OSError, frames.FrameError) as err:
+                self._data_fallback(f"connection lost during round {round}: {err}")
+                raise CoordinatorError("UNAVAILABLE", f"data channel lost during round {round}: {err}") from None
+            else:
+                self.data_exchanges += 1
+                return ExchangeReply(
+                    down.closed_round, reference, values_from_pb(down.next), directives_from_pb(down.directives)
+                )
         encoded = encode_tensors([("mu", mu)], self._compression)
-        upload = pb.ExchangeUpload(
-            worker_id=self.worker_id,
-            job_id=self.job_id,
-            round=round,
-            train_loss=stats.train_loss,
-            inner_steps=stats.inner_steps,
-            samples=stats.samples,
-            chain_seconds=stats.chain_seconds,
-            tensors=encoded.headers,
-            train_size=stats.train_size,
-        )
+        upload = self._upload_header(round, stats, encoded.headers)
 
         def requests() -> Iterator[pb.ExchangeChunk]:
             yield pb.ExchangeChunk(upload=upload)
@@ -145,6 +204,19 @@ class GrpcTransport:
             )
 
         return call(run)
+
+    def _upload_header(self, round: int, stats: RoundStats, headers: list[pb.TensorHeader]) -> pb.ExchangeUpload:
+        return pb.ExchangeUpload(
+            worker_id=self.worker_id,
+            job_id=self.job_id,
+            round=round,
+            train_loss=stats.train_loss,
+            inner_steps=stats.inner_steps,
+            samples=stats.samples,
+            chain_seconds=stats.chain_seconds,
+            tensors=headers,
+            train_size=stats.train_size,
+        )
 
     def _report(self, header: pb.ReportHeader, named: list[tuple[str, Tensor]]) -> None:
         encoded = encode_tensors(named)
@@ -189,6 +261,7 @@ class GrpcTransport:
             self.leave()
         except CoordinatorError as err:
             log.debug("leave on close failed: %s", err)
+        self._close_data_channel()
         self.channel.close()
 
     def __enter__(self) -> GrpcTransport:
