@@ -381,7 +381,21 @@ class WorkerLoop:
     def _exchange(self, job_id: str, values: RoundValues, upload: Tensor, stats: RoundStats) -> ExchangeReply:
         upload = to_host({"upload": upload})["upload"]  # from a GPU: pinned, non-blocking, waited for
         started = time.perf_counter()
-        reply = self.transport.exchange(values.round, upload, stats)
+        delay = 0.05
+        while True:
+            try:
+                reply = self.transport.exchange(values.round, upload, stats)
+                break
+            except CoordinatorError as err:
+                # RESOURCE_EXHAUSTED: the coordinator's bytes in flight are spoken for (other uploads are
+                # arriving); the round stays open for this upload, so send it again a little later. A round
+                # that closes without it answers otherwise (and the loop rejoins).
+                if err.code != "RESOURCE_EXHAUSTED" or self._stop.is_set():
+                    raise
+                log.info("%s round %d: %s; sending again in %.2fs", self.prefix, values.round, err, delay)
+                metrics.EXCHANGE_RETRIES.labels(job_id).inc()
+                time.sleep(delay)
+                delay = min(2 * delay, 2.0)
         self._record(job_id, stats, time.perf_counter() - started)
         return reply
 

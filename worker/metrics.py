@@ -23,3 +23,8 @@ EXCHANGE_SECONDS = Histogram(
 )
 TRAIN_LOSS = Gauge("parle_worker_train_loss", "Mean training loss of this worker's last round", ["job_id"])
 REJOINS = Counter("parle_worker_rejoins_total", "Times this worker lost its place and joined again", ["job_id"])
+EXCHANGE_RETRIES = Counter(
+    "parle_worker_exchange_retries_total",
+    "Uploads sent again because the coordinator's byte budget was full",
+    ["job_id"],
+)
