@@ -21,7 +21,10 @@ the coordinator's veth ports in both directions (Ethernet frames: payload, gRPC/
 headers), read when the bench sees those two round events in the job's metrics log (a lag of a few ms, a
 small fraction of one round's bytes). The window is a fraction of a data pass; per-pass wall-clock is
 extrapolated from it (one data pass = a replica's 60,000 samples = 468 mini-batches of 128), bytes per
-sample are measured. Nothing here asserts times.
+sample are measured. Wall-clock depends on the CPU load of the machine; two figures do not: the bytes, and
+"link s / pass", the time one data pass's bytes need on one worker's link at the tbf rate (upload and
+download of a sync round do not overlap). Before each link setting, one TCP stream from worker 0 to the
+coordinator checks what the link really carries. Nothing here asserts times.
 
     sudo .venv/bin/python -m bench.network [--models mnistfc lenet] [--rates none 1gbit 100mbit]
                                            [--batches 50] [--json]
@@ -34,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import json
 import os
 import secrets
@@ -119,6 +123,18 @@ def check_prerequisites() -> None:
 
 
 @contextlib.contextmanager
+def exclusive() -> Iterator[None]:
+    """One bench.network at a time: a second one would remove the first one's namespaces at its start."""
+    path = Path(tempfile.gettempdir()) / f"{PREFIX}.lock"
+    with path.open("w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise NetworkBenchError(f"another bench.network is running (it holds {path})") from None
+        yield
+
+
+@contextlib.contextmanager
 def network(workers: int) -> Iterator[None]:
     """The namespaces, bridge and veth pairs; removed on exit whatever happens."""
     remove_namespaces()
@@ -155,6 +171,49 @@ def shape(workers: int, rate: str | None) -> None:
             burst = max(64 * 1024, int(rate_bits(rate) / 8 / 100))
             sh("tc", "-n", ns, "qdisc", "add", "dev", dev, "root", "tbf", "rate", rate, "burst", str(burst),
                "latency", "50ms")  # fmt: skip
+
+
+# One TCP stream from worker 0 to the coordinator: what a shaped link really carries (tbf's rate counts
+# Ethernet frames; a TCP stream gets about 95% of it as payload).
+_RECEIVER = """
+import socket, sys, time
+s = socket.socket()
+s.bind((sys.argv[1], 0))
+s.listen(1)
+print(s.getsockname()[1], flush=True)
+c, _ = s.accept()
+buf, n, t0 = bytearray(1 << 20), 0, None
+while k := c.recv_into(buf):
+    t0 = t0 or time.monotonic()
+    n += k
+print(n, time.monotonic() - t0, flush=True)
+"""
+_SENDER = """
+import socket, sys
+with socket.create_connection((sys.argv[1], int(sys.argv[2]))) as c:
+    c.sendall(bytes(int(sys.argv[3])))
+"""
+
+
+def link_mbit(nbytes: int = 16 << 20) -> float:
+    """Payload Mbit/s of one TCP stream of ``nbytes`` from worker 0 to the coordinator, timed by the receiver
+    from its first byte to the end."""
+    receiver = subprocess.Popen(
+        ["ip", "netns", "exec", COORD_NS, sys.executable, "-c", _RECEIVER, COORD_ADDR],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert receiver.stdout is not None
+        port = receiver.stdout.readline().strip()
+        sh("ip", "netns", "exec", worker_ns(0), sys.executable, "-c", _SENDER, COORD_ADDR, port, str(nbytes))
+        received, seconds = receiver.stdout.readline().split()
+    finally:
+        receiver.kill()
+        receiver.wait()
+    if int(received) != nbytes:
+        raise NetworkBenchError(f"link check: {received} of {nbytes} bytes arrived")
+    return nbytes * 8 / float(seconds) / 1e6
 
 
 def rate_bits(rate: str) -> float:
@@ -206,6 +265,8 @@ class Measurement:
     compute_s: float  # sum over the window's rounds of the slowest worker's chain
     wire_bytes: int
     samples: int  # all workers
+    rate_bps: float | None  # the tbf rate of every link, each direction (None: unshaped)
+    repeat: int = 0
 
     @property
     def bytes_per_sample(self) -> float:
@@ -213,6 +274,13 @@ class Measurement:
 
     def pass_s(self, batches_per_pass: int) -> float:
         return self.wall_s / self.batches * batches_per_pass
+
+    def link_floor_s(self, workers: int, batches_per_pass: int) -> float | None:
+        """Seconds one data pass's bytes take on one worker's link at the tbf rate, whatever the CPU load: a
+        sync round's upload and download do not overlap, so both directions add up."""
+        if self.rate_bps is None:
+            return None
+        return self.wire_bytes / workers * batches_per_pass / self.batches * 8 / self.rate_bps
 
     def payload_bytes(self, workers: int) -> int:
         """The tensors alone: one upload and one download of the model per worker per round, float32."""
@@ -272,9 +340,10 @@ def wait_round(events: Path, round: int, timeout_s: float, services: Services) -
 
 
 def measure(
-    model: str, method: str, link: str, workers: int, batches: int, root: Path, timeout_s: float
+    model: str, method: str, rate: str | None, workers: int, batches: int, root: Path, timeout_s: float
 ) -> Measurement:
     steps, warmup = max(METHODS[method].L, 1), METHODS[method].warmup
+    link = rate or "unshaped"
     if batches % steps:
         raise ValueError(f"--batches {batches} is not a multiple of {method}'s {steps} mini-batches per round")
     rounds = batches // steps
@@ -325,6 +394,7 @@ def measure(
         model=model,
         method=method,
         link=link,
+        rate_bps=None if rate is None else rate_bits(rate),
         batches=batches,
         rounds=rounds,
         wall_s=end["time"] - start["time"],
@@ -341,23 +411,23 @@ def _raise_on_signal(signum: int, frame: FrameType | None) -> None:
 def print_row(r: Measurement, workers: int, batches_per_pass: int) -> None:
     share = 1 - r.compute_s / r.wall_s
     overhead = r.wire_bytes / r.payload_bytes(workers)
+    floor = r.link_floor_s(workers, batches_per_pass)
     print(
         f"{r.model:<8}{r.link:>9}{r.method:>13}{r.rounds:>8}{r.wall_s:>10.1f}{r.compute_s:>11.1f}{100 * share:>11.0f}%"
-        f"{r.pass_s(batches_per_pass):>10.0f}{r.bytes_per_sample:>14,.0f}{overhead:>13.3f}x",
+        f"{r.pass_s(batches_per_pass):>10.0f}{'-' if floor is None else f'{floor:.1f}':>14}"
+        f"{r.bytes_per_sample:>14,.0f}{overhead:>13.3f}x",
         flush=True,
     )
 
 
 def ratios(results: list[Measurement]) -> dict[tuple[str, str], list[tuple[float, float]]]:
-    """(model, link) -> [(wall-clock, bytes per sample) of Elastic-SGD / Parle] for each repeat, in order."""
+    """(model, link) -> [(wall-clock, bytes per sample) of Elastic-SGD / Parle] for each repeat, in order; each
+    Elastic-SGD measurement against the Parle one of the same repeat (they ran back to back)."""
     out: dict[tuple[str, str], list[tuple[float, float]]] = {}
-    parle = {}
+    parle = {(r.model, r.link, r.repeat): r for r in results if r.method == "parle"}
     for r in results:
-        if r.method == "parle":
-            parle[r.model, r.link] = r
-    for r in results:
-        if r.method == "elastic-sgd" and (r.model, r.link) in parle:
-            p = parle[r.model, r.link]
+        p = parle.get((r.model, r.link, r.repeat))
+        if r.method == "elastic-sgd" and p is not None:
             out.setdefault((r.model, r.link), []).append((r.wall_s / p.wall_s, r.bytes_per_sample / p.bytes_per_sample))
     return out
 
@@ -389,30 +459,39 @@ def main(argv: list[str] | None = None) -> None:
         f"{args.workers} workers (1 torch thread each) and a coordinator in their own network namespaces; window: "
         f"{args.batches} mini-batches of 128 per worker after warm-up rounds (Parle 1, Elastic-SGD 5), "
         f"extrapolated to one data pass ({batches_per_pass} mini-batches); compute = the slowest chain of each "
-        "round, summed; bytes = Ethernet frames at the coordinator's ports, both directions; payload = the "
-        "float32 tensors (one upload and one download per worker per round)"
+        "round, summed; comm share = 1 - compute / window; s / pass = the window's wall-clock extrapolated; link "
+        "s / pass = the time a pass's bytes need on one link at the tbf rate (independent of CPU load); bytes = "
+        "Ethernet frames at the coordinator's ports, both directions; payload = the float32 tensors (one upload "
+        "and one download per worker per round)"
     )
     print(
         f"{'model':<8}{'link':>9}{'method':>13}{'rounds':>8}{'window s':>10}{'compute s':>11}{'comm share':>12}"
-        f"{'s / pass':>10}{'bytes/sample':>14}{'wire/payload':>14}"
+        f"{'s / pass':>10}{'link s / pass':>14}{'bytes/sample':>14}{'wire/payload':>14}"
     )
     results: list[Measurement] = []
     started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="bench-network-") as tmp, network(args.workers):
+    with exclusive(), tempfile.TemporaryDirectory(prefix="bench-network-") as tmp, network(args.workers):
         for repeat in range(args.repeats):
             for rate in args.rates:
-                shape(args.workers, None if rate == "none" else rate)
-                link = "unshaped" if rate == "none" else rate
+                shaped = None if rate == "none" else rate
+                shape(args.workers, shaped)
+                link = shaped or "unshaped"
+                carried = link_mbit()
+                print(f"link {link}: one TCP stream worker 0 -> coordinator carried {carried:,.0f} Mbit/s", flush=True)
+                if args.json:
+                    print(json.dumps({"link": link, "repeat": repeat, "tcp_mbit_s": carried}), flush=True)
                 for model in args.models:
                     order = list(METHODS) if repeat % 2 == 0 else list(reversed(METHODS))
                     for method in order:
                         root = Path(tmp) / f"repeat{repeat}"
                         root.mkdir(exist_ok=True)
-                        r = measure(model, method, link, args.workers, args.batches, root, args.timeout_s)
+                        r = measure(model, method, shaped, args.workers, args.batches, root, args.timeout_s)
+                        r.repeat = repeat
                         results.append(r)
                         print_row(r, args.workers, batches_per_pass)
                         if args.json:
-                            print(json.dumps({**asdict(r), "repeat": repeat, "pass_s": r.pass_s(batches_per_pass),
+                            print(json.dumps({**asdict(r), "pass_s": r.pass_s(batches_per_pass),
+                                              "link_floor_pass_s": r.link_floor_s(args.workers, batches_per_pass),
                                               "bytes_per_sample": r.bytes_per_sample}), flush=True)  # fmt: skip
     print("\nElastic-SGD / Parle (the papers: Parle 2-4x faster than data-parallel SGD):")
     for (model, link), pairs in ratios(results).items():

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.network import METHODS, PREFIX, job_spec, own_namespaces, rate_bits
+from bench.network import METHODS, PREFIX, Measurement, job_spec, own_namespaces, rate_bits, ratios
 from protos.spec import resolve
 
 
@@ -32,3 +32,16 @@ def test_parle_talks_once_per_25_batches_and_elastic_sgd_once_per_batch(model: s
         assert spec.replicas == 3 and spec.model.name == model and spec.data.name == "fashion-mnist"
     assert (parle.max_rounds, esgd.max_rounds) == (4, 56)
     assert set(METHODS) == {"parle", "elastic-sgd"}
+
+
+def test_ratios_pair_the_methods_of_the_same_repeat() -> None:
+    def m(method: str, repeat: int, wall_s: float, wire_bytes: int) -> Measurement:
+        return Measurement("lenet", method, "100mbit", 50, 2, wall_s, 1.0, wire_bytes, 100, 1e8, repeat)
+
+    results = [
+        m("parle", 0, 10.0, 1),
+        m("elastic-sgd", 0, 30.0, 25),
+        m("elastic-sgd", 1, 8.0, 25),
+        m("parle", 1, 4.0, 2),
+    ]
+    assert ratios(results) == {("lenet", "100mbit"): [(3.0, 25.0), (2.0, 12.5)]}
