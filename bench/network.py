@@ -70,9 +70,13 @@ class Method:
     preset: str
     L: int  # mini-batches per round: max(L, 1)
     warmup: int  # rounds before the window
+    # Read the byte counters once the round's downloads are over (the link is quiet while the chain runs), so
+    # a window of a few rounds holds whole rounds. Elastic-SGD's links are never quiet; its window has 50+
+    # rounds, so a transfer more or less at either end is under 1%.
+    settle: bool
 
 
-METHODS = {"parle": Method("parle", 25, 1), "elastic-sgd": Method("elastic-sgd", 0, 5)}
+METHODS = {"parle": Method("parle", 25, 1, settle=True), "elastic-sgd": Method("elastic-sgd", 0, 5, settle=False)}
 PARAMS = {"mnistfc": 1_867_786, "lenet": 132_220}  # float32 elements exchanged per upload or download
 
 
@@ -232,6 +236,20 @@ def wire_bytes(workers: int) -> int:
     return sum(ports[port_dev(i)]["rx"]["bytes"] + ports[port_dev(i)]["tx"]["bytes"] for i in range(workers))
 
 
+def quiet_wire_bytes(workers: int, quiet_s: float = 0.2, timeout_s: float = 10.0) -> int:
+    """``wire_bytes`` once it has not changed for ``quiet_s`` (or after ``timeout_s``)."""
+    deadline = time.monotonic() + timeout_s
+    last, since = wire_bytes(workers), time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(0.02)
+        now = wire_bytes(workers)
+        if now != last:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet_s:
+            break
+    return last
+
+
 def netns_python(ns: str, *args: str) -> list[str]:
     """This interpreter in namespace ``ns``, running this checkout's code."""
     return ["ip", "netns", "exec", ns, "env", f"PYTHONPATH={REPO}", sys.executable, "-m", "cluster.cli", *args]
@@ -377,10 +395,11 @@ def measure(
                                "--reconnect-s", "60")  # fmt: skip
             services.start(cmd, run_dir / f"worker-{i}.log")
         events = run_dir / "state" / "jobs" / job_id / "metrics.jsonl"
+        read = quiet_wire_bytes if METHODS[method].settle else wire_bytes
         start = wait_round(events, warmup - 1, timeout_s, services)
-        bytes0 = wire_bytes(workers)
+        bytes0 = read(workers)
         end = wait_round(events, warmup + rounds - 1, timeout_s, services)
-        bytes1 = wire_bytes(workers)
+        bytes1 = read(workers)
         window = [
             e
             for e in (json.loads(x) for x in events.read_text().splitlines() if x.strip())
