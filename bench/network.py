@@ -64,12 +64,11 @@ REPO = Path(__file__).resolve().parent.parent
 TRAIN_SIZE = 60_000  # Fashion-MNIST's training set: one data pass of one replica (frac 1)
 
 
-# Warm-up rounds before the window: start-up (joins, data loading, first exchanges) stays out of it.
 @dataclass(frozen=True)
 class Method:
     preset: str
     L: int  # mini-batches per round: max(L, 1)
-    warmup: int  # rounds before the window
+    warmup: int  # rounds before the window: start-up (joins, data loading, first exchanges) stays out of it
     # Read the byte counters once the round's downloads are over (the link is quiet while the chain runs), so
     # a window of a few rounds holds whole rounds. Elastic-SGD's links are never quiet; its window has 50+
     # rounds, so a transfer more or less at either end is under 1%.
