@@ -390,7 +390,7 @@ def measure(
         job_id = submit.stdout.strip().splitlines()[-1]
         for i in range(workers):
             cmd = netns_python(worker_ns(i), "worker", "--coordinator", address, "--job", job_id, "--token-file",
-                               str(token), "--replica", str(i), "--name", f"w{i}", "--threads", "1",
+                               str(token), "--replica", str(i), "--name", f"{PREFIX}-w{i}", "--threads", "1",
                                "--reconnect-s", "60")  # fmt: skip
             services.start(cmd, run_dir / f"worker-{i}.log")
         events = run_dir / "state" / "jobs" / job_id / "metrics.jsonl"
