@@ -95,6 +95,7 @@ class RayJobProxy:
         return ray.get(self.actor.inspect.remote(), timeout=30)[key]
 
     center = property(lambda self: self._inspect("center"))
+    model = property(lambda self: self._inspect("model"))
     round = property(lambda self: self._inspect("round"))
     live_workers = property(lambda self: self._inspect("live_workers"))
 
