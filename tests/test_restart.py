@@ -5,22 +5,22 @@ from the last checkpoint."""
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 from safetensors.torch import load_file
+from toy_models import TOY_CODE
 
 from cluster.client import Endpoint, JobsClient
-from cluster.processes import reap, run_processes, worker_command
+from cluster.processes import run_processes, worker_command
 from coordinator.events import read_events
 from protos import parle_pb2 as pb
 from protos.spec import resolve
@@ -28,22 +28,6 @@ from protos.spec import resolve
 TESTS = Path(__file__).parent
 REPO = TESTS.parent
 KILLS = 5
-TOY_CODE = ("--allow-code", "toy_models")  # workers run the test models only when told to
-
-
-@pytest.fixture
-def worker_env(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
-    """Worker processes import the test models too."""
-    path = f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
-    monkeypatch.setenv("PYTHONPATH", path)
-    return {**os.environ, "PYTHONPATH": path}
-
-
-@pytest.fixture
-def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
-    started: list[subprocess.Popen[bytes]] = []
-    yield started
-    reap(started, grace_s=5)
 
 
 def spec_dict(**overrides: Any) -> dict[str, Any]:

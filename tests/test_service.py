@@ -3,13 +3,12 @@ a worker killed with -9, a coordinator killed with -9 and restarted on the same 
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +18,11 @@ import yaml
 from model_checks import assert_result_is_the_model, mean_of_last_replicas
 from prometheus_client import REGISTRY
 from safetensors.torch import load_file
+from toy_models import TOY_CODE
 
 from cluster.client import Endpoint, JobsClient
 from cluster.local import run_local
-from cluster.processes import reap, run_processes, worker_command
+from cluster.processes import run_processes, worker_command
 from coordinator.events import read_events
 from coordinator.server import CoordinatorServer
 from protos.spec import resolve
@@ -30,22 +30,6 @@ from worker.workloads.trust import Trust
 
 TESTS = Path(__file__).parent
 REPO = TESTS.parent
-TOY_CODE = ("--allow-code", "toy_models")  # the test models: workers run no user code they are not told to
-
-
-@pytest.fixture
-def worker_env(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
-    """Worker processes import the test models too."""
-    path = f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
-    monkeypatch.setenv("PYTHONPATH", path)
-    return {**os.environ, "PYTHONPATH": path}
-
-
-@pytest.fixture
-def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
-    started: list[subprocess.Popen[bytes]] = []
-    yield started
-    reap(started, grace_s=5)
 
 
 def spec_dict(**overrides: Any) -> dict[str, Any]:

@@ -7,6 +7,9 @@ import time
 import torch
 from torch import nn
 
+# What a worker process needs to run these models: workers run no user code they are not told to.
+TOY_CODE = ("--allow-code", "toy_models")
+
 
 def mlp(num_classes: int, input_shape: tuple[int, int, int], hidden: int = 32, dropout: float = 0.0) -> nn.Module:
     features = input_shape[0] * input_shape[1] * input_shape[2]
