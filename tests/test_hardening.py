@@ -29,6 +29,8 @@ from protos import parle_pb2 as pb
 from protos import parle_pb2_grpc as pb_grpc
 from protos.codec import MAX_CHUNK_BYTES, encode_tensors
 from protos.spec import SpecError, load_spec, resolve
+from worker.loop import WorkerLoop
+from worker.transports.grpc import GrpcTransport
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT = 10.0
@@ -275,6 +277,56 @@ def test_stalled_uploads_do_not_block_another_jobs_exchange(
         time.sleep(0.1)
     assert server.limits.budget.held == 0
     assert server.manager.job(stalled_job).round == 0, "a stalled upload changed its job"
+
+
+def trickling_upload(job_id: str, worker_id: str, elements: int, release: threading.Event) -> Iterator[Any]:
+    """An upload that keeps the idle timeout at bay (a chunk every 0.5 s) and never completes."""
+    for message in upload(job_id, worker_id, 0, torch.zeros(elements))[:-1]:
+        yield message
+        if release.wait(0.5):
+            return
+
+
+@pytest.mark.timeout(180)
+def test_a_worker_sends_its_upload_again_while_the_byte_budget_is_spoken_for(
+    server: CoordinatorServer, stubs: tuple[pb_grpc.CoordinatorStub, pb_grpc.JobsStub]
+) -> None:
+    coord, _ = stubs
+    hog_job = server.manager.submit(resolve(spec(name="hog", replicas=2)))
+    hog = join(coord, hog_job)
+    release = threading.Event()
+    hold = coord.Exchange(trickling_upload(hog_job, hog, 16 << 20, release), timeout=120)  # all 64 MiB
+    job_id = server.manager.submit(resolve(spec(name="patient", max_rounds=3)))
+    retries = ("parle_worker_exchange_retries_total", {"job_id": job_id})
+    transport = GrpcTransport(server.address, job_id=job_id)
+    loop = WorkerLoop(transport, "w0")
+    failures: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            loop.run()
+        except BaseException as err:  # the test reports it
+            failures.append(err)
+
+    worker = threading.Thread(target=run, daemon=True)
+    try:
+        deadline = time.monotonic() + 30
+        while server.limits.budget.held < 64 << 20:
+            assert time.monotonic() < deadline, "the trickling upload never took the budget"
+            time.sleep(0.05)
+        worker.start()
+        deadline = time.monotonic() + 60
+        while not REGISTRY.get_sample_value(*retries):  # refused RESOURCE_EXHAUSTED at least once, sent again
+            assert time.monotonic() < deadline and not failures, failures or "the worker was never refused"
+            time.sleep(0.1)
+        assert server.manager.job(job_id).round == 0
+    finally:
+        release.set()  # the hog's upload ends unfinished: its bytes are let go
+        code_of(lambda: list(hold))
+        worker.join(timeout=120)
+        transport.close()
+    assert not failures, failures
+    assert server.manager.job(job_id).state.value == "succeeded" and loop.joins == 1
 
 
 @pytest.mark.timeout(60)
