@@ -29,6 +29,16 @@ from torch import Tensor
 
 from coordinator.checkpoint import Checkpoint, CheckpointStore, CheckpointWriteError, pack_job_state, unpack_job_state
 from coordinator.events import MetricsLog, read_events, save_tensors
+from coordinator.job_events import (
+    CheckpointFailed,
+    CheckpointWritten,
+    Evaluated,
+    JobEvent,
+    MemberChanged,
+    Resumed,
+    RoundClosed,
+    StateChanged,
+)
 from coordinator.job_records import ClosedRound, JobState, Member, PendingModel
 from coordinator.logtext import capped
 from coordinator.reference import SyncMean, easgd_center_step_, squared_norm
@@ -133,7 +143,7 @@ class Job:
             self._publish(relog)
         if resumed_from is not None:
             checkpoint_round = resume.round if resume is not None else None
-            self._emit({"kind": "resume", "round": self.round, "from": resumed_from, "checkpoint": checkpoint_round})
+            self._emit(Resumed(self.round, resumed_from, checkpoint_round))
         # Sync replies wait until the round state naming the next round is on disk (_await_close).
         self._persist = persist_rounds and spec.optim.mode == "sync"
         self._durable_round = self.round
@@ -146,11 +156,11 @@ class Job:
     def elapsed(self) -> float:
         return self._elapsed_before + time.monotonic() - self._started
 
-    def _emit(self, event: dict[str, Any]) -> None:
+    def _emit(self, event: JobEvent) -> None:
         self._publish(self._stamp(event))
 
-    def _stamp(self, event: dict[str, Any]) -> dict[str, Any]:
-        return {"job": self.job_id, "time": round(self.elapsed(), 4), **event}
+    def _stamp(self, event: JobEvent) -> dict[str, Any]:
+        return {"job": self.job_id, "time": round(self.elapsed(), 4), **event.as_record()}
 
     def _publish(self, event: dict[str, Any]) -> None:
         with self._publishing:
@@ -160,7 +170,7 @@ class Job:
 
     def _set_state(self, state: JobState, message: str = "") -> None:
         self.state, self.message = state, message
-        self._emit({"kind": "state", "state": state.value, "message": message, "round": self.round})
+        self._emit(StateChanged(state.value, message, self.round))
         self._cond.notify_all()
 
     def _member(self, worker_id: str) -> Member:
@@ -284,9 +294,7 @@ class Job:
                 if start is not None
                 else "fresh"
             )
-            self._emit(
-                {"kind": "member", "event": "join", "replica": replica, "workers": len(self._members), "start": origin}
-            )
+            self._emit(MemberChanged("join", replica, len(self._members), start=origin))
             log.info(
                 "job %s: %s joined as replica %d (%s, %s)", self.job_id, capped(name), replica, capped(device), origin
             )
@@ -401,7 +409,7 @@ class Job:
             return
         # The round closes on the live members: the one leaving may be the one everyone waited for.
         decisions = self._rounds.leave(worker_id, time.monotonic())
-        self._emit({"kind": "member", "event": why, "replica": member.replica, "workers": len(self._members)})
+        self._emit(MemberChanged(why, member.replica, len(self._members)))
         if self.state.terminal:
             return
         # Duties the member can no longer do must not hold the job up.
@@ -557,19 +565,18 @@ class Job:
         losses = [s.train_loss for s in self._stats]
         now = time.monotonic()
         event = self._stamp(
-            {
-                "kind": "round",
-                "round": k,
-                "epoch": schedule.epoch(k + 1),
-                "gamma": values.gamma,
-                "rho": values.rho,
-                "lr": values.lr,
-                "train_loss": sum(losses) / len(losses),
-                "consensus_distance": consensus,
-                "workers": workers,
-                "round_seconds": now - self._rounds.opened_at,
-                "chain_seconds": max(s.chain_seconds for s in self._stats),
-            }
+            RoundClosed(
+                round=k,
+                epoch=schedule.epoch(k + 1),
+                gamma=values.gamma,
+                rho=values.rho,
+                lr=values.lr,
+                train_loss=sum(losses) / len(losses),
+                consensus_distance=consensus,
+                workers=workers,
+                round_seconds=now - self._rounds.opened_at,
+                chain_seconds=max(s.chain_seconds for s in self._stats),
+            )
         )
         self._last_round_event = event
         if not self._persist:
@@ -637,16 +644,7 @@ class Job:
             if "test" in report.results:
                 self.last_test_error = report.results["test"][1]
             for split, (loss, error) in report.results.items():
-                self._emit(
-                    {
-                        "kind": "eval",
-                        "round": report.round,
-                        "epoch": report.epoch,
-                        "split": split,
-                        "loss": loss,
-                        "error": error,
-                    }
-                )
+                self._emit(Evaluated(report.round, report.epoch, split, loss, error))
             if report.model_state is not None:
                 save_tensors(self.directory / "final.safetensors", report.model_state)
             if self._awaiting_eval == report.round:
@@ -795,9 +793,9 @@ class Job:
             )
         except CheckpointWriteError as err:  # disk full: the job goes on from the previous checkpoint
             log.error("job %s: %s", self.job_id, err)
-            self._emit({"kind": "checkpoint_failed", "round": round, "error": str(err)})
+            self._emit(CheckpointFailed(round, str(err)))
             return None
-        self._emit({"kind": "checkpoint", "round": round, "path": str(path), "seconds": time.monotonic() - started})
+        self._emit(CheckpointWritten(round, str(path), time.monotonic() - started))
         return path
 
     def checkpoint_now(self) -> Path | None:
