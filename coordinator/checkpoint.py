@@ -89,6 +89,18 @@ def unpack_job_state(tensors: dict[str, Tensor]) -> tuple[Tensor, Tensor, dict[i
     return tensors["reference"], tensors.get("center", tensors["reference"]), replicas
 
 
+def _unshared(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """safetensors refuses tensors that share memory (e.g. a model that is still the center itself):
+    every later one that shares its storage with an earlier one is written from a copy."""
+    seen: set[int] = set()
+    out = {}
+    for key, tensor in tensors.items():
+        storage = tensor.untyped_storage().data_ptr()
+        out[key] = tensor.clone() if storage in seen and tensor.numel() else tensor
+        seen.add(storage)
+    return out
+
+
 class CheckpointStore:
     def __init__(self, directory: Path, keep: int = 3) -> None:
         self.directory = Path(directory)
@@ -103,7 +115,7 @@ class CheckpointStore:
         shutil.rmtree(tmp, ignore_errors=True)
         try:
             tmp.mkdir()
-            contiguous = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+            contiguous = _unshared({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
             save_file(contiguous, str(tmp / TENSORS))
             with (tmp / TENSORS).open("rb") as f:
                 os.fsync(f.fileno())
