@@ -60,22 +60,29 @@ class Coordinator:
 
 
 @contextlib.contextmanager
-def coordinator(state_dir: Path, env: dict[str, str]) -> Iterator[Coordinator]:
+def coordinator(
+    state_dir: Path, env: dict[str, str] | None = None, extra: tuple[str, ...] = (), log: Path | None = None
+) -> Iterator[Coordinator]:
+    """``parle coordinator`` on a free loopback port (``extra``: more flags; ``log``: where its stderr goes)."""
     cmd = [sys.executable, "-m", "cluster.cli", "coordinator", "--listen", "127.0.0.1:0", "--state-dir", str(state_dir)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env={**os.environ, **env})
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()  # "parle coordinator listening on HOST:PORT"
-        if "listening on" not in line:
-            raise RuntimeError(f"coordinator did not start: {line!r}")
-        yield Coordinator(proc, line.rsplit(" ", 1)[1].strip())
-    finally:
-        proc.terminate()
+    with contextlib.ExitStack() as stack:
+        stderr = stack.enter_context(log.open("w")) if log is not None else None
+        proc = subprocess.Popen(
+            [*cmd, *extra], stdout=subprocess.PIPE, stderr=stderr, text=True, env={**os.environ, **(env or {})}
+        )
         try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+            assert proc.stdout is not None
+            line = proc.stdout.readline()  # "parle coordinator listening on HOST:PORT"
+            if "listening on" not in line:
+                raise RuntimeError(f"coordinator did not start: {line!r}" + (f" (log: {log})" if log else ""))
+            yield Coordinator(proc, line.rsplit(" ", 1)[1].strip())
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
 
 def job_yaml(workers: int) -> str:

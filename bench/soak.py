@@ -18,17 +18,13 @@ counts so far; a final ``summary`` line compares the end with the start.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import random
-import subprocess
-import sys
 import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,7 +33,7 @@ import torch
 import yaml
 
 from bench.common import tensor_job
-from bench.scale import Coordinator
+from bench.scale import Coordinator, coordinator
 from cluster.client import Endpoint, JobsClient
 from protos import parle_pb2 as pb
 from protos.messages import CoordinatorError, RoundStats
@@ -85,28 +81,6 @@ def process_figures(coord: Coordinator) -> dict[str, float]:
     }
 
 
-@contextlib.contextmanager
-def coordinator(state_dir: Path, log: Path, *extra: str) -> Iterator[Coordinator]:
-    """``parle coordinator`` on a free loopback port (``extra``: more flags), its log (stderr) into ``log``."""
-    cmd = [sys.executable, "-m", "cluster.cli", "coordinator", "--listen", "127.0.0.1:0", "--state-dir", str(state_dir)]
-    cmd += extra
-    with log.open("w") as stderr:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, text=True)
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()  # "parle coordinator listening on HOST:PORT"
-        if "listening on" not in line:
-            raise RuntimeError(f"coordinator did not start: {line!r} (log: {log})")
-        yield Coordinator(proc, line.rsplit(" ", 1)[1].strip())
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 def job_yaml(index: int, replicas: int, rounds: int, checkpoint_every: int) -> str:
     spec = tensor_job(f"soak-{index}", replicas, lease_s=20.0, start_timeout_s=60.0)
     spec["max_rounds"] = rounds
@@ -122,6 +96,8 @@ def worker(address: str, i: int, mu: torch.Tensor, stop: threading.Event, tally:
         "outer_buf": torch.zeros_like(mu),
         "outer_steps": torch.zeros(1, dtype=torch.int64),
         "sampler": torch.zeros(2, dtype=torch.int64),
+        "rng_noise": torch.Generator().get_state(),  # a replica's random streams, as a worker uploads them
+        "rng_global": torch.get_rng_state(),
     }
     with GrpcTransport(address, timeout_s=120.0) as transport:
         while not stop.is_set():
@@ -214,8 +190,11 @@ def main(argv: list[str] | None = None) -> None:
         os.close(fd)
         args.log = Path(name)
     log: Path = args.log
-    flags = [] if args.metrics_retention_s is None else ["--metrics-retention-s", str(args.metrics_retention_s)]
-    with tempfile.TemporaryDirectory(prefix="soak-") as tmp, coordinator(Path(tmp) / "state", log, *flags) as coord:
+    flags = () if args.metrics_retention_s is None else ("--metrics-retention-s", str(args.metrics_retention_s))
+    with (
+        tempfile.TemporaryDirectory(prefix="soak-") as tmp,
+        coordinator(Path(tmp) / "state", extra=flags, log=log) as coord,
+    ):
         started = time.monotonic()
         first = line("start", started, coord, tally)
         threads = [threading.Thread(target=submitter, args=(coord.address, args, stop, tally), daemon=True)]
