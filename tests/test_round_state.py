@@ -18,6 +18,7 @@ from coordinator.events import read_events
 from coordinator.job import Job
 from coordinator.round_state import FILE, RoundState, load_round_state, save_round_state
 from protos.messages import CoordinatorError, EvalReport
+from protos.spec import JobSpec
 from worker.transports.inprocess import InProcessTransport
 
 # 2 replicas, 8 rounds; the model is gathered after rounds 1, 3, 5, 7 (evals), checkpoints after 3 and 7.
@@ -52,6 +53,29 @@ def run_round(job: Job, a: InProcessTransport, b: InProcessTransport, k: int, up
             t.report_eval(EvalReport(k, 0.0, {"test": (1.0, 0.5)}))
 
 
+JobAndTransports = tuple[Job, InProcessTransport, InProcessTransport]
+
+
+def started(spec: JobSpec, job_dir: Path, persist_rounds: bool = True) -> JobAndTransports:
+    """A job with its two replicas joined (a: replica 0, b: replica 1)."""
+    job = Job("j", spec, job_dir, persist_rounds=persist_rounds)
+    a, b = InProcessTransport(job, timeout_s=30), InProcessTransport(job, timeout_s=30)
+    a.join("a", "cpu", 0), b.join("b", "cpu", 1)
+    return job, a, b
+
+
+def restored(spec: JobSpec, job_dir: Path) -> Job:
+    """The job as a restarted coordinator takes it up: its last checkpoint and its round state."""
+    return Job(
+        "j",
+        spec,
+        job_dir,
+        resume=CheckpointStore(job_dir / "checkpoints").latest(),
+        round_state=load_round_state(job_dir / FILE),
+        persist_rounds=True,
+    )
+
+
 def rounds_logged(job_dir: Path) -> list[int]:
     return [e["round"] for e in read_events(job_dir / "metrics.jsonl") if e["kind"] == "round"]
 
@@ -60,9 +84,7 @@ def rounds_logged(job_dir: Path) -> list[int]:
 def test_restored_job_gathers_what_the_closed_round_owed_and_answers_a_rerun(tmp_path: Path) -> None:
     spec = small_spec(**SPEC)
     job_dir = tmp_path / "job"
-    first = Job("j", spec, job_dir, persist_rounds=True)
-    a, b = InProcessTransport(first, timeout_s=30), InProcessTransport(first, timeout_s=30)
-    a.join("a", "cpu", 0), b.join("b", "cpu", 1)
+    first, a, b = started(spec, job_dir)
     for k in range(3):
         run_round(first, a, b, k)
     run_round(first, a, b, 3, uploads=False)  # round 3 closed; the coordinator dies before its duties
@@ -73,14 +95,7 @@ def test_restored_job_gathers_what_the_closed_round_owed_and_answers_a_rerun(tmp
     kept = [e for e in read_events(job_dir / "metrics.jsonl") if not (e["kind"] == "round" and e["round"] == 3)]
     (job_dir / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in kept))
 
-    job = Job(
-        "j",
-        spec,
-        job_dir,
-        resume=CheckpointStore(job_dir / "checkpoints").latest(),
-        round_state=load_round_state(job_dir / FILE),
-        persist_rounds=True,
-    )
+    job = restored(spec, job_dir)
     assert job.round == 4 and rounds_logged(job_dir) == [0, 1, 2, 3]
     a, b = InProcessTransport(job, timeout_s=30), InProcessTransport(job, timeout_s=30)
     # a got round 3's reply: it is at round 4 and owes round 3's evaluation (nobody reported it).
@@ -118,21 +133,12 @@ def test_restored_job_gathers_what_the_closed_round_owed_and_answers_a_rerun(tmp
 def test_replica_back_without_its_state_joins_from_the_checkpoint_and_owes_nothing(tmp_path: Path) -> None:
     spec = small_spec(**SPEC)
     job_dir = tmp_path / "job"
-    first = Job("j", spec, job_dir, persist_rounds=True)
-    a, b = InProcessTransport(first, timeout_s=30), InProcessTransport(first, timeout_s=30)
-    a.join("a", "cpu", 0), b.join("b", "cpu", 1)
+    first, a, b = started(spec, job_dir)
     for k in range(5):
         run_round(first, a, b, k)
     run_round(first, a, b, 5, uploads=False)  # round 5 (an eval round) closed, then the crash
     first.close()
-    job = Job(
-        "j",
-        spec,
-        job_dir,
-        resume=CheckpointStore(job_dir / "checkpoints").latest(),
-        round_state=load_round_state(job_dir / FILE),
-        persist_rounds=True,
-    )
+    job = restored(spec, job_dir)
     a, b = InProcessTransport(job, timeout_s=30), InProcessTransport(job, timeout_s=30)
     assert a.join("a", "cpu", 0, resume_round=6).resume
     a.offer_state(6, _state(1.0))
@@ -146,9 +152,7 @@ def test_replica_back_without_its_state_joins_from_the_checkpoint_and_owes_nothi
 def test_after_the_last_round_the_model_is_gathered_from_the_workers_that_come_back(tmp_path: Path) -> None:
     spec = small_spec(**SPEC, runtime={"lease_s": 30, "start_timeout_s": 0.2})
     job_dir = tmp_path / "job"
-    first = Job("j", spec, job_dir, persist_rounds=True)
-    a, b = InProcessTransport(first, timeout_s=30), InProcessTransport(first, timeout_s=30)
-    a.join("a", "cpu", 0), b.join("b", "cpu", 1)
+    first, a, b = started(spec, job_dir)
     for k in range(7):
         run_round(first, a, b, k)
     run_round(first, a, b, 7, uploads=False)  # the last round closed; b uploads, leaves and exits, then the crash
@@ -174,9 +178,7 @@ def test_a_checkpoint_whose_replicas_all_left_before_uploading_is_written_from_t
     """No model gathered yet and nobody left to upload one: the checkpoint's model is the center (as a copy:
     safetensors refuses two names for one tensor, which once made the last Leave fail with INTERNAL)."""
     spec = small_spec(epochs=2, eval={"every_epochs": 1e12}, checkpoint={"every_rounds": 2})
-    job = Job("j", spec, tmp_path / "job")
-    a, b = InProcessTransport(job, timeout_s=30), InProcessTransport(job, timeout_s=30)
-    a.join("a", "cpu", 0), b.join("b", "cpu", 1)
+    job, a, b = started(spec, tmp_path / "job", persist_rounds=False)
     run_round(job, a, b, 0)
     run_round(job, a, b, 1, uploads=False)  # round 1 asks for the model and a checkpoint ...
     a.leave()
