@@ -239,6 +239,6 @@ def run_local(
         placement.close()
         raise
     finally:
-        job.log.close()
+        job.close()  # after the job's last writes (its reference, then its final state)
     log.info("job finished in %.1fs: %s", time.monotonic() - started, job.state.value)
     return LocalResult(job.state, job.message, run_dir, job.round, errors)

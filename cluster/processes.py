@@ -70,7 +70,9 @@ def run_processes(spec: JobSpec, run_dir: Path, workers: int, listeners: list[Li
             procs.append(subprocess.Popen(worker_command(server.address, job_id, f"worker-{i}", *flags), env=env))
         while job.wait(timeout=1.0) not in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED):
             if all(p.poll() is not None for p in procs):
-                job.abort("every worker process exited before the job finished")
+                job.flush()  # the workers are done: the job's last writes (its reference) come before its end
+                if not job.state.terminal:
+                    job.abort("every worker process exited before the job finished")
         return job.state, job.message
     except KeyboardInterrupt:
         with contextlib.suppress(Exception):

@@ -103,7 +103,11 @@ class CoordinatorActor:
     def status(self) -> tuple[str, str]:
         return self.job.state.value, self.job.message
 
-    def events_since(self, index: int) -> tuple[list[dict[str, Any]], str, str]:
+    def events_since(self, index: int, settle: bool = False) -> tuple[list[dict[str, Any]], str, str]:
+        """``settle``: every worker is done; first wait for the job's last writes (its reference, which
+        comes before its final state)."""
+        if settle:
+            self.job.flush()
         return self._events[index:], self.job.state.value, self.job.message
 
     def inspect(self) -> dict[str, Any]:
@@ -204,7 +208,8 @@ class RayDriver:
                     # The worker loop raised (e.g. a replacement that came up after the last round): the job's
                     # own state says how it ended, so the driver goes on watching instead of dying with it.
                     log.warning("worker of replica %d ended with an error: %s", replica, err.cause or err)
-            events, state, message = get(self.coordinator.events_since.remote(seen), 60)
+            settle = not self.runs
+            events, state, message = get(self.coordinator.events_since.remote(seen, settle), 90)
             seen += len(events)
             for event in events:
                 for listener in listeners:

@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import Tensor
 
@@ -78,9 +79,14 @@ class MetricsLog:
 
 
 def save_tensors(path: Path, tensors: dict[str, Tensor]) -> None:
-    """safetensors via a temporary name and rename: readers never see half a file."""
+    """safetensors via a temporary name and rename: readers never see half a file. OSError naming the file
+    when it cannot be written (e.g. a full disk); nothing of it is left then."""
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
-    with tmp.open("rb") as f:
-        os.fsync(f.fileno())
-    tmp.replace(path)
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+        with tmp.open("rb") as f:
+            os.fsync(f.fileno())
+        tmp.replace(path)
+    except (OSError, SafetensorError) as err:
+        tmp.unlink(missing_ok=True)  # e.g. the disk is full: leave no half file behind
+        raise OSError(f"{path.name} not written ({' '.join(str(err).split())})") from err

@@ -21,13 +21,22 @@ import math
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from coordinator.checkpoint import Checkpoint, CheckpointStore, CheckpointWriteError, pack_job_state, unpack_job_state
+from coordinator.checkpoint import (
+    Checkpoint,
+    CheckpointStore,
+    CheckpointWriteError,
+    one_line,
+    pack_job_state,
+    unpack_job_state,
+)
+from coordinator.disk_writer import DiskWriter
 from coordinator.events import MetricsLog, read_events, save_tensors
 from coordinator.job_events import (
     CheckpointFailed,
@@ -44,7 +53,7 @@ from coordinator.logtext import capped
 from coordinator.reference import SyncMean, easgd_center_step_, squared_norm
 from coordinator.replica_check import check_replica_state
 from coordinator.round_state import FILE as ROUND_STATE_FILE
-from coordinator.round_state import RoundState, RoundStateWriter
+from coordinator.round_state import RoundState, save_round_state
 from coordinator.rounds import CloseRound, Decision, GangOpened, SyncRounds, Wait, async_round_closes, lapsed
 from coordinator.schedules import Schedule, first_values
 from protos.messages import (
@@ -90,10 +99,14 @@ class Job:
         self.state = JobState.PENDING
         self.message = ""
         self._cond = threading.Condition()
-        # Events reach the log and the listeners one at a time, in order: rounds are published by the
-        # round-state writer thread, everything else under the job's lock.
+        # Events reach the log and the listeners one at a time, in order: rounds and checkpoints are
+        # published by the job's disk writer, everything else under the job's lock.
         self._publishing = threading.Lock()
         self._closing = False  # close(): the coordinator is stopping or has let go of the job
+        self._finishing = False  # every duty is done: the reference is being written, then SUCCEEDED
+        # Checkpoints, round states, the exported model and the reference are written on this thread, in
+        # the order handed over, never under the lock (a slow disk never delays a heartbeat).
+        self._disk = DiskWriter(f"job-writer:{job_id}")
         self._members: dict[str, Member] = {}
         self._next_worker = 0
         self._sum = SyncMean()
@@ -147,9 +160,6 @@ class Job:
         # Sync replies wait until the round state naming the next round is on disk (_await_close).
         self._persist = persist_rounds and spec.optim.mode == "sync"
         self._durable_round = self.round
-        self._writer = (
-            RoundStateWriter(self.directory / ROUND_STATE_FILE, self._round_state_written) if self._persist else None
-        )
 
     # ----- helpers -------------------------------------------------------------------------------
 
@@ -646,7 +656,8 @@ class Job:
             for split, (loss, error) in report.results.items():
                 self._emit(Evaluated(report.round, report.epoch, split, loss, error))
             if report.model_state is not None:
-                save_tensors(self.directory / "final.safetensors", report.model_state)
+                exported = report.model_state
+                self._disk.submit(lambda: self._write_export(exported))
             if self._awaiting_eval == report.round:
                 self._awaiting_eval, self._evaluator = None, None
             self._maybe_finish()
@@ -728,30 +739,45 @@ class Job:
         self._cond.notify_all()
 
     def _save_round_state(self, new_round: bool) -> None:
-        """Hand the round, the center and the model to the writer thread (no I/O under the lock: the
-        tensors are not changed in place in sync mode, the writer reads them as they are)."""
-        if self._writer is None or self.center is None:
+        """Hand the round, the center and the model to the disk writer (the tensors are not changed in
+        place in sync mode, the writer reads them as they are)."""
+        if not self._persist or self.center is None:
             return
-        self._writer.submit(
-            RoundState(
-                round=self.round,
-                center=self.center,
-                model=self.model if self.model is not None else self.center,
-                model_round=self._model_round,
-                elapsed=self.elapsed(),
-                train_size=self.train_size,
-                round_event=self._last_round_event,
-            ),
-            new_round,
+        state = RoundState(
+            round=self.round,
+            center=self.center,
+            model=self.model if self.model is not None else self.center,
+            model_round=self._model_round,
+            elapsed=self.elapsed(),
+            train_size=self.train_size,
+            round_event=self._last_round_event,
         )
+        self._disk.submit(lambda: self._write_round_state(state, new_round))
 
-    def _round_state_written(self, state: RoundState, new_round: bool) -> None:
-        """On the writer thread, without the lock: log the round, then release its waiters."""
+    def _write_round_state(self, state: RoundState, new_round: bool) -> None:
+        """On the disk writer, without the lock: save, log the round, then release its waiters."""
+        try:
+            save_round_state(self.directory / ROUND_STATE_FILE, state)
+        except Exception as err:  # e.g. a full disk: the job goes on (a restart resumes from an older state)
+            log.error(
+                "job %s: round state of round %d not written (%s): a restart would resume from an older one",
+                self.job_id,
+                state.round,
+                one_line(err),
+            )
         if new_round and state.round_event is not None:
             self._publish(state.round_event)
         with self._cond:
             self._durable_round = max(self._durable_round, state.round)
             self._cond.notify_all()
+
+    def _write_export(self, model_state: dict[str, Tensor]) -> None:
+        """On the disk writer: the model the last evaluator exported. Not writable: the job fails, saying so
+        (what it was run for is missing; its checkpoints are kept)."""
+        try:
+            save_tensors(self.directory / "final.safetensors", model_state)
+        except OSError as err:
+            self.abort(f"the exported model could not be saved: {one_line(err)}")
 
     def fetch_model(self, worker_id: str, round: int, timeout: float | None = None) -> Tensor:
         """The model of closed round ``round`` once every replica has uploaded its x (the evaluator's input)."""
@@ -770,27 +796,34 @@ class Job:
                 self._cond.wait(remaining)
             return self._models[round]
 
+    def _live_tensor(self, tensor: Tensor) -> Tensor:
+        """What the disk writer may read later: async, the center moves in place with every exchange."""
+        return tensor.clone() if self.spec.optim.mode == "async" and tensor is self.center else tensor
+
     def _write_checkpoint(
         self, round: int, states: dict[int, dict[str, Tensor]], center: Tensor | None = None
-    ) -> Path | None:
-        """Checkpoint at ``round`` (the next round to run): the model, the center, the replicas' states.
-        None when it could not be written (logged, a ``checkpoint_failed`` event; the previous one is kept)."""
+    ) -> Future[Path | None]:
+        """Hand a checkpoint at ``round`` (the next round to run) to the disk writer: the model, the center,
+        the replicas' states. Its result is None when it could not be written (logged, a
+        ``checkpoint_failed`` event; the previous one is kept)."""
         center = self.center if center is None else center
-        assert center is not None
-        model = self.model if self.model is not None else center.clone()  # safetensors refuses shared memory
+        assert center is not None, "a checkpoint before the first center"
+        center = self._live_tensor(center)
+        model = self._live_tensor(self.model) if self.model is not None else center
+        tensors = pack_job_state(model, center, states)  # shared memory is written from a copy (checkpoint.py)
+        meta = {
+            "job": self.job_id,
+            "elapsed": self.elapsed(),
+            "spec": self.spec.to_dict(),
+            "train_size": self.train_size,
+            "values": self._values(round).__dict__,
+        }
+        return self._disk.submit(lambda: self._save_checkpoint(round, tensors, meta))
+
+    def _save_checkpoint(self, round: int, tensors: dict[str, Tensor], meta: dict[str, Any]) -> Path | None:
         started = time.monotonic()
         try:
-            path = self.store.save(
-                round,
-                pack_job_state(model, center, states),
-                {
-                    "job": self.job_id,
-                    "elapsed": self.elapsed(),
-                    "spec": self.spec.to_dict(),
-                    "train_size": self.train_size,
-                    "values": self._values(round).__dict__,
-                },
-            )
+            path = self.store.save(round, tensors, meta)
         except CheckpointWriteError as err:  # disk full: the job goes on from the previous checkpoint
             log.error("job %s: %s", self.job_id, err)
             self._emit(CheckpointFailed(round, str(err)))
@@ -798,13 +831,18 @@ class Job:
         self._emit(CheckpointWritten(round, str(path), time.monotonic() - started))
         return path
 
-    def checkpoint_now(self) -> Path | None:
-        """A checkpoint of the model and center alone, right away (e.g. on ``ray job stop``): a resume from
-        it restarts the replicas from the model."""
+    def checkpoint_now(self, timeout: float = 60.0) -> Path | None:
+        """A checkpoint of the model and center alone, right away (e.g. on ``ray job stop``), once it is on
+        disk: a resume from it restarts the replicas from the model."""
         with self._cond:
             if self.center is None:
                 return None
-            return self._write_checkpoint(self.round, {})
+            written = self._write_checkpoint(self.round, {})
+        return written.result(timeout)
+
+    def flush(self, timeout: float | None = 60.0) -> None:
+        """Return once every checkpoint, round state and model file due so far is on disk."""
+        self._disk.flush(timeout)
 
     def close(self) -> None:
         """Let go of the job (the coordinator stops, or released it after it finished): calls waiting on a
@@ -812,8 +850,7 @@ class Job:
         with self._cond:
             self._closing = True
             self._cond.notify_all()
-        if self._writer is not None:
-            self._writer.close()  # what is queued is written; its callback takes the lock, so not held here
+        self._disk.close(timeout=10.0)  # what is queued is written; those writes take the lock: not held here
         with self._cond:
             self.log.close()
 
@@ -825,11 +862,36 @@ class Job:
                     self._drop(worker_id, why)
 
     def _maybe_finish(self) -> None:
-        if self.rounds_done and not self.state.terminal and self._awaiting_eval is None and self._pending is None:
-            if self.center is not None:
-                model = self.model if self.model is not None else self.center.clone()
-                save_tensors(self.directory / "reference.safetensors", {"reference": model, "center": self.center})
-            self._set_state(JobState.SUCCEEDED)
+        """Every round closed and every duty done: write the reference after whatever the disk writer still
+        holds (the last checkpoint, the exported model), then the job has SUCCEEDED."""
+        if self._finishing or not self.rounds_done or self.state.terminal:
+            return
+        if self._awaiting_eval is not None or self._pending is not None:
+            return
+        self._finishing = True
+        reference = None
+        if self.center is not None:
+            center = self._live_tensor(self.center)
+            model = self._live_tensor(self.model) if self.model is not None else center.clone()
+            reference = {"reference": model, "center": center}
+        self._disk.submit(lambda: self._write_reference_and_finish(reference))
+
+    def _write_reference_and_finish(self, reference: dict[str, Tensor] | None) -> None:
+        """On the disk writer. The reference not writable (e.g. a full disk): the job fails, saying so."""
+        failure = ""
+        if reference is not None:
+            try:
+                save_tensors(self.directory / "reference.safetensors", reference)
+            except OSError as err:
+                failure = f"the job's result could not be saved: {one_line(err)}"
+        with self._cond:
+            if self.state.terminal:
+                return
+            if failure:
+                log.error("job %s failed: %s", self.job_id, failure)
+                self._set_state(JobState.FAILED, failure)
+            else:
+                self._set_state(JobState.SUCCEEDED)
 
     def _restore(self, ckpt: Checkpoint) -> None:
         self.round = ckpt.round

@@ -16,9 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import queue
-import threading
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -91,38 +88,3 @@ def load_round_state(path: Path) -> RoundState | None:
     except (OSError, KeyError, ValueError, SafetensorError) as err:
         log.warning("ignoring %s: %s", path, err)
         return None
-
-
-class RoundStateWriter:
-    """A job's writer thread: saves the round states handed to it, in order, then calls ``written`` with
-    each and whether its round event is new (outside any lock of the caller's). Rounds cannot outrun it:
-    sync replies wait for it, so its queue holds a round or two at most."""
-
-    def __init__(self, path: Path, written: Callable[[RoundState, bool], None]) -> None:
-        self.path = path
-        self._written = written
-        self._queue: queue.Queue[tuple[RoundState, bool] | None] = queue.Queue()
-        self._thread: threading.Thread | None = None  # started by the first round: a pending job holds none
-
-    def submit(self, state: RoundState, new_round: bool) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name=f"round-state:{self.path.parent.name}", daemon=True)
-            self._thread.start()
-        self._queue.put((state, new_round))
-
-    def _run(self) -> None:
-        while (item := self._queue.get()) is not None:
-            state, new_round = item
-            try:
-                save_round_state(self.path, state)
-            except Exception:  # e.g. a full disk: the job goes on (a restart then resumes from an older state)
-                log.exception("could not save %s (round %d)", self.path, state.round)
-            self._written(state, new_round)
-
-    def close(self, timeout: float = 10.0) -> None:
-        """Write what is queued, then stop."""
-        if self._thread is None:
-            return
-        self._queue.put(None)
-        if self._thread is not threading.current_thread():
-            self._thread.join(timeout)

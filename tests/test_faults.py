@@ -180,7 +180,7 @@ def test_disk_full_during_a_checkpoint_keeps_the_previous_one_and_the_workers_tr
                 transport.close()
         assert not failures, failures  # the worker never saw an error: no UNKNOWN, no INTERNAL
         assert loop.joins == 1  # and never lost its place
-        told = [r.getMessage() for r in caplog.records if "not written" in r.getMessage()]
+        told = [r.getMessage() for r in caplog.records if "checkpoint of round" in r.getMessage()]
         assert told and "No space left on device" in told[0] and "the previous checkpoint is kept" in told[0], told
         assert not any(r.exc_info for r in caplog.records if r.name == "coordinator.server"), "no internal errors"
         assert os.path.ismount(jobs_fs)

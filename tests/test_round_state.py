@@ -116,6 +116,7 @@ def test_restored_job_gathers_what_the_closed_round_owed_and_answers_a_rerun(tmp
     b.report_state(3, _state(2.0))  # round 3's model and checkpoint are complete
     assert torch.equal(a.fetch_model(3), torch.full((SIZE,), 1.5))
     a.report_eval(EvalReport(3, 1.0, {"test": (1.0, 0.5)}))
+    job.flush()  # checkpoints are written by the job's disk writer, off its lock
     ckpt = CheckpointStore(job_dir / "checkpoints").latest()
     assert ckpt is not None and ckpt.round == 4 and torch.equal(ckpt.tensors["replica1.x"], torch.full((SIZE,), 2.0))
     for k in range(4, 8):
@@ -183,6 +184,7 @@ def test_a_checkpoint_whose_replicas_all_left_before_uploading_is_written_from_t
     run_round(job, a, b, 1, uploads=False)  # round 1 asks for the model and a checkpoint ...
     a.leave()
     b.leave()  # ... and nobody uploads it
+    job.flush()
     ckpt = job.store.latest()
     assert ckpt is not None and ckpt.round == 2
     assert torch.equal(ckpt.tensors["reference"], ckpt.tensors["center"])

@@ -165,6 +165,7 @@ def check_checkpoint_collects_replica_states(h: Harness) -> None:
         t.report_state(0, _state(value))
     waiter.join(timeout=30)
     assert fetched and torch.equal(fetched[0], torch.full((SIZE,), 1.5))
+    job.flush()  # checkpoints are written by the job's disk writer, off its lock
     ckpt = job.store.latest()
     assert ckpt is not None and ckpt.round == 1
     assert torch.equal(ckpt.tensors["reference"], torch.full((SIZE,), 1.5))  # the model
