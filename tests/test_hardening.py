@@ -326,7 +326,7 @@ def test_a_worker_sends_its_upload_again_while_the_byte_budget_is_spoken_for(
         worker.join(timeout=120)
         transport.close()
     assert not failures, failures
-    assert server.manager.job(job_id).state.value == "succeeded" and loop.joins == 1
+    assert server.manager.job(job_id).wait(30).value == "succeeded" and loop.joins == 1
 
 
 @pytest.mark.timeout(60)
