@@ -100,6 +100,10 @@ class CoordinatorActor:
         self.job.cancel()
         return str(path) if path else None
 
+    def flush(self) -> None:
+        """Return once the job's files due so far (checkpoints, round state, results) are on disk."""
+        self.job.flush()
+
     def status(self) -> tuple[str, str]:
         return self.job.state.value, self.job.message
 

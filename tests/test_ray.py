@@ -102,6 +102,9 @@ class RayJobProxy:
     def cancel(self) -> None:
         ray.get(self.actor.cancel.remote(), timeout=30)
 
+    def flush(self) -> None:
+        ray.get(self.actor.flush.remote(), timeout=60)
+
 
 class RayHarness:
     def __init__(self, root: Path) -> None:
