@@ -48,7 +48,7 @@ from protos.messages import CoordinatorError, ExchangeReply, RoundStats
 from protos.wire import COMPRESSION, directives_to_pb, values_to_pb
 
 if TYPE_CHECKING:  # server.py builds the data channel, so it cannot be imported here at run time
-    from coordinator.server import Limits
+    from coordinator.rpc_limits import Limits
 
 log = logging.getLogger(__name__)
 

@@ -30,17 +30,12 @@ from torch import Tensor
 
 from coordinator.checkpoint import (
     Checkpoint,
-    CheckpointStore,
-    CheckpointWriteError,
-    one_line,
     pack_job_state,
     unpack_job_state,
 )
-from coordinator.disk_writer import DiskWriter
-from coordinator.events import MetricsLog, read_events, save_tensors
+from coordinator.eval_duties import EvalDuties
+from coordinator.events import MetricsLog, read_events
 from coordinator.job_events import (
-    CheckpointFailed,
-    CheckpointWritten,
     Evaluated,
     JobEvent,
     MemberChanged,
@@ -48,12 +43,12 @@ from coordinator.job_events import (
     RoundClosed,
     StateChanged,
 )
+from coordinator.job_files import EXPORT_FILE, JobFiles
 from coordinator.job_records import ClosedRound, JobState, Member, PendingModel
 from coordinator.logtext import capped
 from coordinator.reference import SyncMean, easgd_center_step_, squared_norm
 from coordinator.replica_check import check_replica_state
-from coordinator.round_state import FILE as ROUND_STATE_FILE
-from coordinator.round_state import RoundState, save_round_state
+from coordinator.round_state import RoundState
 from coordinator.rounds import CloseRound, Decision, GangOpened, SyncRounds, Wait, async_round_closes, lapsed
 from coordinator.schedules import Schedule, first_values
 from protos.messages import (
@@ -94,7 +89,8 @@ class Job:
         self.schedule: Schedule | None = None
         self.train_size: int | None = None
         self.directory = Path(directory)
-        self.store = CheckpointStore(self.directory / "checkpoints", keep=spec.checkpoint.keep)
+        self.files = JobFiles(job_id, self.directory, spec.checkpoint.keep, self._emit)
+        self.store = self.files.store
         self.listeners = list(listeners or [])
         self.state = JobState.PENDING
         self.message = ""
@@ -104,9 +100,6 @@ class Job:
         self._publishing = threading.Lock()
         self._closing = False  # close(): the coordinator is stopping or has let go of the job
         self._finishing = False  # every duty is done: the reference is being written, then SUCCEEDED
-        # Checkpoints, round states, the exported model and the reference are written on this thread, in
-        # the order handed over, never under the lock (a slow disk never delays a heartbeat).
-        self._disk = DiskWriter(f"job-writer:{job_id}")
         self._members: dict[str, Member] = {}
         self._next_worker = 0
         self._sum = SyncMean()
@@ -114,14 +107,11 @@ class Job:
         self._closed: dict[int, ClosedRound] = {}
         self._pending: PendingModel | None = None
         self._models: dict[int, Tensor] = {}  # closed round -> model, for evaluators still fetching
-        self._awaiting_eval: int | None = None
-        self._evaluator: str | None = None
-        self._eval_duties: dict[int, str] = {}  # round -> the worker told to evaluate it (its report is awaited)
+        self._evals = EvalDuties()
         self.last_train_loss: float | None = None
         self.last_test_error: float | None = None
         self._saved_states: dict[int, dict[str, Tensor]] = {}
         self._model_round = -1  # the closed round whose gathered model self.model is
-        self._resume_eval: int | None = None  # restored: an eval of this round is owed to the first rejoiner
         self._last_round_event: dict[str, Any] | None = None
         self.round = 0
         self.center: Tensor | None = None
@@ -331,7 +321,7 @@ class Job:
         return round == self.round or (round == self.round - 1 and round in self._closed)
 
     def _final_duties_owed(self) -> bool:
-        return self._pending is not None or self._awaiting_eval is not None
+        return self._pending is not None or self._evals.awaited is not None
 
     def _owe_nothing_to(self, replica: int) -> None:
         """A replica that comes back without its own state (its worker died with the coordinator) cannot
@@ -350,10 +340,8 @@ class Job:
         closed = self._closed.get(k)
         if closed is None:
             return Directives()
-        if self._resume_eval == k and closed.evaluator is None:
+        if closed.evaluator is None and self._evals.take_over_after_restart(k, worker_id):
             closed.evaluator = worker_id
-            self._evaluator, self._eval_duties[k] = worker_id, worker_id
-            self._resume_eval = None
         if resume_round != self.round:  # it runs round k again: its exchange reply carries the duties
             return Directives()
         evaluate = closed.evaluator == worker_id
@@ -377,10 +365,7 @@ class Job:
         # After a restart: replicas that did not come back owe nothing, an eval nobody took is dropped.
         for replica in set(range(self.spec.replicas)) - {m.replica for m in self._members.values()}:
             self._owe_nothing_to(replica)
-        if self._resume_eval is not None:
-            self._resume_eval = None
-            if self._evaluator is None:
-                self._awaiting_eval = None
+        self._evals.drop_owed_after_restart()
 
     def open_gang_if_due(self) -> None:
         """Start without the replicas still missing once ``runtime.start_timeout_s`` has passed since the
@@ -428,8 +413,7 @@ class Job:
             pending.expected.discard(member.replica)
             if pending.complete:
                 self._finish_model(pending)
-        if self._evaluator == worker_id:
-            self._awaiting_eval, self._evaluator = None, None
+        self._evals.worker_left(worker_id)
         if self.spec.optim.mode == "sync":
             self._apply(decisions)
         self._maybe_finish()
@@ -602,10 +586,7 @@ class Job:
         elif checkpoint:  # async replicas never stand still together: the checkpoint holds the center
             self._write_checkpoint(k + 1, {})
         if evaluator is not None:
-            self._awaiting_eval, self._evaluator = k, evaluator
-            self._eval_duties[k] = evaluator
-            if len(self._eval_duties) > 64:  # duties of workers that died before reporting
-                del self._eval_duties[min(self._eval_duties)]
+            self._evals.assign(k, evaluator)
         self.last_train_loss = sum(losses) / len(losses)
         self.round = k + 1
         self._sum.reset()  # keeps the sum's buffer for the next round
@@ -642,24 +623,18 @@ class Job:
         with self._cond:
             self._member(worker_id)
             # Only the worker told to evaluate a round reports it, once; the model only with the last one.
-            if self._eval_duties.get(report.round) != worker_id:
-                raise CoordinatorError(
-                    "FAILED_PRECONDITION", f"no evaluation of round {report.round} is awaited from {worker_id}"
-                )
+            self._evals.require_awaited(report.round, worker_id)
             if report.model_state is not None and not (self.schedule and self.schedule.is_last(report.round)):
                 raise CoordinatorError(
                     "FAILED_PRECONDITION", f"the model is exported after the last round, not round {report.round}"
                 )
-            del self._eval_duties[report.round]
+            self._evals.reported(report.round)
             if "test" in report.results:
                 self.last_test_error = report.results["test"][1]
             for split, (loss, error) in report.results.items():
                 self._emit(Evaluated(report.round, report.epoch, split, loss, error))
             if report.model_state is not None:
-                exported = report.model_state
-                self._disk.submit(lambda: self._write_export(exported))
-            if self._awaiting_eval == report.round:
-                self._awaiting_eval, self._evaluator = None, None
+                self.files.export(report.model_state, failed=self.abort)
             self._maybe_finish()
 
     def report_state(self, worker_id: str, round: int, state: dict[str, Tensor]) -> None:
@@ -752,32 +727,15 @@ class Job:
             train_size=self.train_size,
             round_event=self._last_round_event,
         )
-        self._disk.submit(lambda: self._write_round_state(state, new_round))
+        self.files.round_state(state, then=lambda state: self._round_state_written(state, new_round))
 
-    def _write_round_state(self, state: RoundState, new_round: bool) -> None:
-        """On the disk writer, without the lock: save, log the round, then release its waiters."""
-        try:
-            save_round_state(self.directory / ROUND_STATE_FILE, state)
-        except Exception as err:  # e.g. a full disk: the job goes on (a restart resumes from an older state)
-            log.error(
-                "job %s: round state of round %d not written (%s): a restart would resume from an older one",
-                self.job_id,
-                state.round,
-                one_line(err),
-            )
+    def _round_state_written(self, state: RoundState, new_round: bool) -> None:
+        """On the disk writer, without the lock: log the round, then release its waiters."""
         if new_round and state.round_event is not None:
             self._publish(state.round_event)
         with self._cond:
             self._durable_round = max(self._durable_round, state.round)
             self._cond.notify_all()
-
-    def _write_export(self, model_state: dict[str, Tensor]) -> None:
-        """On the disk writer: the model the last evaluator exported. Not writable: the job fails, saying so
-        (what it was run for is missing; its checkpoints are kept)."""
-        try:
-            save_tensors(self.directory / "final.safetensors", model_state)
-        except OSError as err:
-            self.abort(f"the exported model could not be saved: {one_line(err)}")
 
     def fetch_model(self, worker_id: str, round: int, timeout: float | None = None) -> Tensor:
         """The model of closed round ``round`` once every replica has uploaded its x (the evaluator's input)."""
@@ -818,18 +776,7 @@ class Job:
             "train_size": self.train_size,
             "values": self._values(round).__dict__,
         }
-        return self._disk.submit(lambda: self._save_checkpoint(round, tensors, meta))
-
-    def _save_checkpoint(self, round: int, tensors: dict[str, Tensor], meta: dict[str, Any]) -> Path | None:
-        started = time.monotonic()
-        try:
-            path = self.store.save(round, tensors, meta)
-        except CheckpointWriteError as err:  # disk full: the job goes on from the previous checkpoint
-            log.error("job %s: %s", self.job_id, err)
-            self._emit(CheckpointFailed(round, str(err)))
-            return None
-        self._emit(CheckpointWritten(round, str(path), time.monotonic() - started))
-        return path
+        return self.files.checkpoint(round, tensors, meta)
 
     def checkpoint_now(self, timeout: float = 60.0) -> Path | None:
         """A checkpoint of the model and center alone, right away (e.g. on ``ray job stop``), once it is on
@@ -842,7 +789,7 @@ class Job:
 
     def flush(self, timeout: float | None = 60.0) -> None:
         """Return once every checkpoint, round state and model file due so far is on disk."""
-        self._disk.flush(timeout)
+        self.files.flush(timeout)
 
     def close(self) -> None:
         """Let go of the job (the coordinator stops, or released it after it finished): calls waiting on a
@@ -850,7 +797,7 @@ class Job:
         with self._cond:
             self._closing = True
             self._cond.notify_all()
-        self._disk.close(timeout=10.0)  # what is queued is written; those writes take the lock: not held here
+        self.files.close()  # what is queued is written; those writes take the lock: not held here
         with self._cond:
             self.log.close()
 
@@ -866,7 +813,7 @@ class Job:
         holds (the last checkpoint, the exported model), then the job has SUCCEEDED."""
         if self._finishing or not self.rounds_done or self.state.terminal:
             return
-        if self._awaiting_eval is not None or self._pending is not None:
+        if self._evals.awaited is not None or self._pending is not None:
             return
         self._finishing = True
         reference = None
@@ -874,23 +821,12 @@ class Job:
             center = self._live_tensor(self.center)
             model = self._live_tensor(self.model) if self.model is not None else center.clone()
             reference = {"reference": model, "center": center}
-        self._disk.submit(lambda: self._write_reference_and_finish(reference))
+        self.files.reference(reference, failed=self.abort, then=self._succeeded)
 
-    def _write_reference_and_finish(self, reference: dict[str, Tensor] | None) -> None:
-        """On the disk writer. The reference not writable (e.g. a full disk): the job fails, saying so."""
-        failure = ""
-        if reference is not None:
-            try:
-                save_tensors(self.directory / "reference.safetensors", reference)
-            except OSError as err:
-                failure = f"the job's result could not be saved: {one_line(err)}"
+    def _succeeded(self) -> None:
+        """On the disk writer: the reference (and everything before it) is on disk."""
         with self._cond:
-            if self.state.terminal:
-                return
-            if failure:
-                log.error("job %s failed: %s", self.job_id, failure)
-                self._set_state(JobState.FAILED, failure)
-            else:
+            if not self.state.terminal:
                 self._set_state(JobState.SUCCEEDED)
 
     def _restore(self, ckpt: Checkpoint) -> None:
@@ -935,9 +871,9 @@ class Job:
             self._pending = PendingModel(k, saved.center, replicas, needs_checkpoint and needs_model)
         logged = read_events(self.directory / "metrics.jsonl")
         evaluated = any(e.get("kind") == "eval" and e.get("round") == k for e in logged)
-        exported = not schedule.is_last(k) or (self.directory / "final.safetensors").is_file()
+        exported = not schedule.is_last(k) or (self.directory / EXPORT_FILE).is_file()
         if schedule.eval_due(k) and not (evaluated and exported):
-            self._resume_eval = self._awaiting_eval = k
+            self._evals.owe_after_restart(k)
         if any(e.get("kind") == "round" and e.get("round") == k for e in logged):
             return None
         self._last_round_event = saved.round_event

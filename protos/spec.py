@@ -313,7 +313,7 @@ class RuntimeSpec(_Strict):
 class JobSpec(_Strict):
     name: str = Field("parle", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", description="letters, digits, . _ -")
     preset: Literal["sgd", "entropy-sgd", "elastic-sgd", "parle", "easgd"] = "parle"
-    # One coordinator holds a sync round's exchanges at once: see coordinator.server.STREAM_LIMITS.
+    # One coordinator holds a sync round's exchanges at once: see coordinator.rpc_limits.STREAM_LIMITS.
     replicas: int = Field(3, ge=1, le=MAX_REPLICAS)
     epochs: float = Field(5.0, gt=0.0, le=1e6, description="budget in data passes per replica")
     max_rounds: int | None = Field(None, ge=1, le=10**12, description="stop after this many rounds (tests, demos)")

@@ -78,7 +78,7 @@ def test_a_coordinator_bug_answers_internal_with_a_logged_traceback(
         db.execute("UPDATE jobs SET spec_json = '{}' WHERE id = ?", (job_id,))
     before = metric("parle_internal_errors_total", {"method": "Get"})
     with (
-        caplog.at_level(logging.ERROR, logger="coordinator.server"),
+        caplog.at_level(logging.ERROR, logger="coordinator.rpc_guard"),
         CoordinatorServer(state) as server,
         grpc.insecure_channel(server.address) as channel,
     ):
@@ -182,5 +182,5 @@ def test_disk_full_during_a_checkpoint_keeps_the_previous_one_and_the_workers_tr
         assert loop.joins == 1  # and never lost its place
         told = [r.getMessage() for r in caplog.records if "checkpoint of round" in r.getMessage()]
         assert told and "No space left on device" in told[0] and "the previous checkpoint is kept" in told[0], told
-        assert not any(r.exc_info for r in caplog.records if r.name == "coordinator.server"), "no internal errors"
+        assert not any(r.exc_info for r in caplog.records if r.name == "coordinator.rpc_guard"), "no internal errors"
         assert os.path.ismount(jobs_fs)
