@@ -153,7 +153,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
             serve_forever=args.job is None,
             reconnect_s=args.reconnect_s,
             trust=Trust.of(args.allow_code, args.data_dir),
-            offer_on_rejoin=args.job is not None,  # a pool worker may be handed another job on rejoin
+            offer_on_rejoin=True,  # a restarted coordinator takes it back at the round it was in
         )
         stop = threading.Event()
         _on_signals(stop)

@@ -684,8 +684,8 @@ def test_eval_only_from_the_assigned_worker(
         t.join(TIMEOUT)
     job = server.manager.job(job_id)
     assert job.round == 1
-    evaluator = job._eval_duties.get(0)
-    assert evaluator in (a, b)
+    evaluator = job._evals.evaluator
+    assert job._evals.awaited == 0 and evaluator in (a, b)
     other = b if evaluator == a else a
     code, details = code_of(lambda: coord.Report(eval_report(job_id, other, 0), timeout=TIMEOUT))
     assert code == "FAILED_PRECONDITION" and "awaited" in details, (code, details)

@@ -103,6 +103,13 @@ class Service:
         self.procs.append(proc)
         return proc
 
+    def pool_worker(self, name: str) -> subprocess.Popen[bytes]:
+        """A pool worker: serves whatever job the coordinator assigns it."""
+        cmd = [sys.executable, "-m", "cluster.cli", "worker", "--coordinator", self.address, "--name", name]
+        proc = subprocess.Popen([*cmd, "--threads", "1", *TOY_CODE], env=self.env, cwd=REPO)
+        self.procs.append(proc)
+        return proc
+
 
 def resumes(job_dir: Path) -> list[dict[str, Any]]:
     return events(job_dir, "resume")
@@ -185,3 +192,28 @@ def test_a_replica_whose_worker_died_with_the_coordinator_comes_back_from_the_ch
     assert rounds == list(range(24))
     joins = [m for m in events(job_dir, "member") if m["event"] == "join"][3:]
     assert sorted((m["replica"], m["start"]) for m in joins) == [(0, "offer"), (1, "offer"), (2, "checkpoint")]
+
+
+@pytest.mark.timeout(180)
+def test_pool_workers_are_taken_back_with_their_replicas_by_a_restarted_coordinator(
+    tmp_path: Path, worker_env: dict[str, str], procs: list[subprocess.Popen[bytes]]
+) -> None:
+    """Pool workers (the compose deployment's) are not pinned to a job; after a restart they rejoin the job
+    they were in, offering their replicas, and the job resumes at its round."""
+    raw = spec_dict(epochs=2)  # 16 rounds
+    service = Service(tmp_path / "state", worker_env, procs)
+    with JobsClient(Endpoint(service.address)) as client:
+        wait_for(lambda: reachable(client), 60, "the coordinator")
+        job_id = client.submit(yaml.safe_dump(raw))
+        job_dir = tmp_path / "state" / "jobs" / job_id
+        workers = [service.pool_worker(f"pool{i}") for i in range(3)]
+        wait_for(lambda: last_round(job_dir) >= 5, 90, "round 5")
+        service.kill()
+        closed = last_round(job_dir)
+        service.start()
+        wait_for(lambda: (job_dir / "reference.safetensors").is_file(), 120, "the end of the job")
+        assert all(p.poll() is None for p in workers)  # pool workers live on for the next job
+    assert resumes(job_dir)[-1] == {**resumes(job_dir)[-1], "round": closed + 1, "from": "round-state"}
+    assert [r["round"] for r in events(job_dir, "round")] == list(range(16))  # none lost, none run twice
+    joins = [m for m in events(job_dir, "member") if m["event"] == "join"][3:]
+    assert sorted((m["replica"], m["start"]) for m in joins) == [(0, "offer"), (1, "offer"), (2, "offer")]

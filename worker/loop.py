@@ -211,9 +211,10 @@ class WorkerLoop:
     this replica shares with the others on its device; ``exchange_turns``: the order of async exchanges
     across devices (local runtime). ``trust``: the user code and data directories a job may name (default:
     built-ins only); a job naming others fails, the loop goes on.
-    ``offer_on_rejoin`` (a worker of one job, over a network): keep a copy
-    of the replica's state at the start of each sync round, and when the coordinator is lost, rejoin
-    asking to be taken back with it, so that a restarted coordinator resumes at the round it was in."""
+    ``offer_on_rejoin`` (a worker over a network, of one job or of a pool): keep a copy of the replica's
+    state at the start of each sync round, and when the coordinator is lost, rejoin the same job asking to
+    be taken back with it, so that a restarted coordinator resumes at the round it was in. A pool worker
+    whose job is gone by then joins like a newcomer."""
 
     def __init__(
         self,
@@ -255,6 +256,8 @@ class WorkerLoop:
             grant = self._join(resume)
             if grant is None:
                 return
+            # What it may offer if this coordinator is lost too: never a state kept for another job.
+            self._resume_point = resume if grant.resume else None
             try:
                 if grant.resume and resume is not None:
                     self._resume(grant, *resume)
@@ -303,6 +306,10 @@ class WorkerLoop:
                 if over and not self.serve_forever:
                     log.info("%s: the job is over (%s)", self.name, err)
                     return None
+                if over and resume is not None:  # a pool worker's job is gone: it asks for any job instead
+                    log.info("%s: not taken back (%s): joining as a newcomer", self.name, err)
+                    resume, want = None, self.want_replica
+                    continue
                 # UNAVAILABLE: no coordinator or no job yet; RESOURCE_EXHAUSTED: the job is full until a dead
                 # member's lease lapses (a replacement started right after a crash).
                 retry = err.code in ("UNAVAILABLE", "RESOURCE_EXHAUSTED") or over

@@ -67,7 +67,10 @@ class GrpcTransport:
     def join(
         self, name: str, device: str, want_replica: int | None = None, resume_round: int | None = None
     ) -> JoinGrant:
-        request = pb.JoinRequest(worker_name=name, device=device, job_id=self.wanted_job or "")
+        # Asking to be taken back at a round (a restarted coordinator) means the job it was in, also for a
+        # pool worker, which otherwise takes whatever job the coordinator assigns.
+        job = self.wanted_job or (self.job_id if resume_round is not None else "")
+        request = pb.JoinRequest(worker_name=name, device=device, job_id=job)
         if self.use_data_channel:
             request.capabilities.features.append(frames.FEATURE)
         if want_replica is not None:
