@@ -136,6 +136,11 @@ class Stack:
 
         return JobsClient(Endpoint(f"127.0.0.1:{self.coordinator_port}", self.token if token == "" else token), 10)
 
+    def job_events(self) -> list[dict[str, Any]]:
+        """The job's metrics.jsonl, read in the coordinator's container (its state volume)."""
+        out = self.compose("exec", "-T", "coordinator", "cat", f"/state/jobs/{self.job_id}/metrics.jsonl", check=False)
+        return [json.loads(line) for line in out.stdout.splitlines() if line.strip().endswith("}")]
+
     def job(self) -> dict[str, Any]:
         from cluster.client import describe
 
@@ -370,6 +375,12 @@ def test_example_job_survives_a_killed_worker_and_a_killed_coordinator(stack: St
 
     kill_and_start(f"{PROJECT}-worker-1", KILL_WORKER_AT, "worker")
     kill_and_start(f"{PROJECT}-coordinator-1", KILL_COORDINATOR_AT, "coordinator")
+    # The pool workers lived on: the job resumed at the round it was in, from the replicas they offered,
+    # not from its last checkpoint.
+    resumed = wait_for(lambda: [e for e in stack.job_events() if e["kind"] == "resume"], 120, "the resume event", 2)
+    offers = [e for e in stack.job_events() if e["kind"] == "member" and e.get("start") == "offer"]
+    stack.note(f"resumed at round {resumed[-1]['round']} from {resumed[-1]['from']}; {len(offers)} replicas offered")
+    assert resumed[-1]["from"] == "round-state" and resumed[-1]["round"] >= KILL_COORDINATOR_AT, resumed
 
     info = wait_for(lambda: (i := stack.job())["state"] in TERMINAL and i, 600, "the job to end", every=2)
     error = f"{100 * info['test_error']:.2f}%" if "test_error" in info else "-"
