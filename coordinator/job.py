@@ -95,9 +95,6 @@ class Job:
         self.state = JobState.PENDING
         self.message = ""
         self._cond = threading.Condition()
-        # Events reach the log and the listeners one at a time, in order: rounds and checkpoints are
-        # published by the job's disk writer, everything else under the job's lock.
-        self._publishing = threading.Lock()
         self._closing = False  # close(): the coordinator is stopping or has let go of the job
         self._finishing = False  # every duty is done: the reference is being written, then SUCCEEDED
         self._members: dict[str, Member] = {}
@@ -163,10 +160,14 @@ class Job:
         return {"job": self.job_id, "time": round(self.elapsed(), 4), **event.as_record()}
 
     def _publish(self, event: dict[str, Any]) -> None:
-        with self._publishing:
-            self.log.write(event)
-            for listener in self.listeners:
-                listener(event)
+        """Hand an event to the job's disk writer: it reaches ``metrics.jsonl`` and the listeners (the
+        registry, watchers, progress bars) in order, never under the job's lock."""
+        self.files.in_order(lambda: self._deliver(event))
+
+    def _deliver(self, event: dict[str, Any]) -> None:
+        self.log.write(event)
+        for listener in self.listeners:
+            listener(event)
 
     def _set_state(self, state: JobState, message: str = "") -> None:
         self.state, self.message = state, message
@@ -732,7 +733,7 @@ class Job:
     def _round_state_written(self, state: RoundState, new_round: bool) -> None:
         """On the disk writer, without the lock: log the round, then release its waiters."""
         if new_round and state.round_event is not None:
-            self._publish(state.round_event)
+            self._deliver(state.round_event)
         with self._cond:
             self._durable_round = max(self._durable_round, state.round)
             self._cond.notify_all()
@@ -788,7 +789,7 @@ class Job:
         return written.result(timeout)
 
     def flush(self, timeout: float | None = 60.0) -> None:
-        """Return once every checkpoint, round state and model file due so far is on disk."""
+        """Return once every event, checkpoint, round state and model file due so far is written."""
         self.files.flush(timeout)
 
     def close(self) -> None:

@@ -1,4 +1,4 @@
-"""A job's files: its checkpoints, its round state, the exported model and its reference.
+"""A job's files: its checkpoints, its round state, the exported model, its reference and its events.
 
 Every write runs on the job's disk writer (disk_writer.py), in the order handed over, never under the job's
 lock: a slow or full disk never delays a heartbeat or another job. The job decides under its lock what to
@@ -93,6 +93,10 @@ class JobFiles:
                 failed(f"the job's result could not be saved: {one_line(err)}")
                 return
         then()
+
+    def in_order(self, work: Callable[[], None]) -> None:
+        """Run ``work`` on the writer after what was handed over before (e.g. an event for the log)."""
+        self._writer.submit(work)
 
     def flush(self, timeout: float | None = 60.0) -> None:
         """Return once every write handed over so far is done."""

@@ -256,12 +256,15 @@ class JobManager:
                 if job.state.terminal:
                     self._finished.setdefault(job_id, now)
             due = [j for j, t in self._finished.items() if now - t >= self.release_after_s]
-            released = [self._jobs.pop(j) for j in due if j in self._jobs]
+            released = [self._jobs[j] for j in due if j in self._jobs]
+        for job in released:
+            job.close()  # its last events reach the registry first: Get reads it once the job is gone
+        with self._lock:
             for job_id in due:
-                del self._finished[job_id]
+                self._jobs.pop(job_id, None)
+                self._finished.pop(job_id, None)
                 self._released[job_id] = now
         for job in released:
-            job.close()
             log.info("job %s (%s): released from memory", job.job_id, job.state.value)
         expired = [j for j, t in self._released.items() if now - t >= self.metrics_retention_s]
         for job_id in expired:
