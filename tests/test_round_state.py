@@ -96,6 +96,7 @@ def test_restored_job_gathers_what_the_closed_round_owed_and_answers_a_rerun(tmp
     (job_dir / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in kept))
 
     job = restored(spec, job_dir)
+    job.flush()  # events reach the log on the job's writer
     assert job.round == 4 and rounds_logged(job_dir) == [0, 1, 2, 3]
     a, b = InProcessTransport(job, timeout_s=30), InProcessTransport(job, timeout_s=30)
     # a got round 3's reply: it is at round 4 and owes round 3's evaluation (nobody reported it).
