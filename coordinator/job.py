@@ -44,8 +44,9 @@ from coordinator.job_events import (
     StateChanged,
 )
 from coordinator.job_files import EXPORT_FILE, JobFiles
-from coordinator.job_records import ClosedRound, JobState, Member, PendingModel
+from coordinator.job_records import ClosedRound, JobState, Member
 from coordinator.logtext import capped
+from coordinator.model_gather import ModelGather
 from coordinator.reference import SyncMean, easgd_center_step_, squared_norm
 from coordinator.replica_check import check_replica_state
 from coordinator.round_state import RoundState
@@ -102,17 +103,14 @@ class Job:
         self._sum = SyncMean()
         self._stats: list[RoundStats] = []
         self._closed: dict[int, ClosedRound] = {}
-        self._pending: PendingModel | None = None
-        self._models: dict[int, Tensor] = {}  # closed round -> model, for evaluators still fetching
+        self._gather = ModelGather()
         self._evals = EvalDuties()
         self.last_train_loss: float | None = None
         self.last_test_error: float | None = None
         self._saved_states: dict[int, dict[str, Tensor]] = {}
-        self._model_round = -1  # the closed round whose gathered model self.model is
         self._last_round_event: dict[str, Any] | None = None
         self.round = 0
         self.center: Tensor | None = None
-        self.model: Tensor | None = None
         self._elapsed_before = 0.0
         self._started = time.monotonic()
         # When a round closes (coordinator/rounds.py): the job applies the clock's decisions.
@@ -149,6 +147,12 @@ class Job:
         self._durable_round = self.round
 
     # ----- helpers -------------------------------------------------------------------------------
+
+    @property
+    def model(self) -> Tensor | None:
+        """What the job hands back: the mean of the replicas' x as of the last round that gathered it (async:
+        the center's latest snapshot)."""
+        return self._gather.model
 
     def elapsed(self) -> float:
         return self._elapsed_before + time.monotonic() - self._started
@@ -322,16 +326,13 @@ class Job:
         return round == self.round or (round == self.round - 1 and round in self._closed)
 
     def _final_duties_owed(self) -> bool:
-        return self._pending is not None or self._evals.awaited is not None
+        return self._gather.pending is not None or self._evals.awaited is not None
 
     def _owe_nothing_to(self, replica: int) -> None:
         """A replica that comes back without its own state (its worker died with the coordinator) cannot
         upload the x of a round it did not run: the model being gathered is the mean of the others'."""
-        pending = self._pending
-        if pending is not None and pending.round < self.round and replica not in pending.reported:
-            pending.expected.discard(replica)
-            if pending.complete:
-                self._finish_model(pending)
+        if self._gather.excuse(replica, before_round=self.round):
+            self._finish_model()
 
     def _resume_duties(self, worker_id: str, resume_round: int | None) -> Directives:
         """A worker taken back at the coordinator's round owes the duties of the round closed just before
@@ -409,11 +410,8 @@ class Job:
         if self.state.terminal:
             return
         # Duties the member can no longer do must not hold the job up.
-        pending = self._pending
-        if pending is not None and member.replica not in pending.reported:
-            pending.expected.discard(member.replica)
-            if pending.complete:
-                self._finish_model(pending)
+        if self._gather.excuse(member.replica):
+            self._finish_model()
         self._evals.worker_left(worker_id)
         if self.spec.optim.mode == "sync":
             self._apply(decisions)
@@ -526,8 +524,7 @@ class Job:
         """A closed round's result for one member, with its duties: it uploads its x (or its whole state) only
         while the round's model still lacks its replica's."""
         closed = self._closed[round]
-        pending = self._pending
-        owes = pending is not None and pending.round == round and replica in pending.expected - pending.reported
+        owes = self._gather.owes(round, replica)
         evaluate = closed.evaluator == worker_id
         directives = Directives(
             evaluate=evaluate,
@@ -578,12 +575,9 @@ class Job:
             self._publish(event)  # else once the round state is on disk: the log never runs ahead of it
         self.center = center
         if not sync:  # a snapshot: the live center moves on with every exchange
-            self.model = center.clone()
-            self._models = {k: self.model}
-        if gather:
-            self._pending = PendingModel(k, center, {m.replica for m in live}, checkpoint)
-            if self._pending.complete:  # nobody left to upload
-                self._finish_model(self._pending)
+            self._gather.adopt(center.clone(), k, keep=True)
+        if gather and self._gather.open(k, center, {m.replica for m in live}, checkpoint):
+            self._finish_model()  # nobody left to upload
         elif checkpoint:  # async replicas never stand still together: the checkpoint holds the center
             self._write_checkpoint(k + 1, {})
         if evaluator is not None:
@@ -650,16 +644,16 @@ class Job:
             if self.spec.optim.mode == "async":  # the shared start; a second replica's copy of it is moot
                 if self.center is None:
                     self.center = x.detach().reshape(-1).clone()
-                    self.model = self.center.clone()
+                    self._gather.adopt(self.center.clone())
                 return
-            pending = self._pending
-            if pending is None or pending.round != round or member.replica in pending.reported:
+            pending = self._gather.pending
+            if pending is None or not self._gather.owes(round, member.replica):
                 raise CoordinatorError(
                     "FAILED_PRECONDITION", f"no model is being gathered from {worker_id} at round {round}"
                 )
             if pending.checkpoint:
                 self._check_state(state, f"{what} at a checkpoint", whole=True)
-            self._add_to_model(pending, member.replica, state)
+            self._add_to_model(member.replica, state)
             self._maybe_finish()
 
     def _check_state(self, state: dict[str, Tensor], what: str, *, whole: bool) -> None:
@@ -667,14 +661,9 @@ class Job:
         elements, dtype = (None, None) if model is None else (model.numel(), model.dtype)
         check_replica_state(state, elements, dtype, whole=whole, what=what)
 
-    def _add_to_model(self, pending: PendingModel, replica: int, state: dict[str, Tensor]) -> None:
-        """One replica's x (its whole state on checkpoint rounds) after the elastic step of ``pending.round``."""
-        if pending.checkpoint:
-            pending.states[replica] = state
-        pending.total.add(state["x"])
-        pending.reported.add(replica)
-        if pending.complete:
-            self._finish_model(pending)
+    def _add_to_model(self, replica: int, state: dict[str, Tensor]) -> None:
+        if self._gather.add(replica, state):
+            self._finish_model()
 
     def offer_state(self, worker_id: str, round: int, state: dict[str, Tensor]) -> None:
         """The whole state, at the start of ``round``, of a worker taken back with it (join with
@@ -693,22 +682,13 @@ class Job:
             member.offer_round = None
             if round < self.round:
                 return  # it runs the round just closed again; its exchange reply says what it owes
-            pending = self._pending
-            owed = pending is not None and pending.round == round - 1
-            if pending is not None and owed and member.replica in pending.expected - pending.reported:
-                self._add_to_model(pending, member.replica, state)
+            if self._gather.owes(round - 1, member.replica):
+                self._add_to_model(member.replica, state)
             self._maybe_finish()
 
-    def _finish_model(self, pending: PendingModel) -> None:
-        """The model of ``pending.round`` is complete: keep it for evaluators, checkpoint if due."""
-        if pending.total.count:
-            model, _ = pending.total.finish()
-        else:  # every replica left before uploading: the last model we had, or the center
-            model = self.model if self.model is not None else pending.center
-        self.model, self._model_round = model, pending.round
-        self._models[pending.round] = model
-        self._models.pop(pending.round - 2, None)
-        self._pending = None
+    def _finish_model(self) -> None:
+        """The model being gathered is complete: it is kept for its evaluators; checkpoint if due."""
+        pending = self._gather.finish()
         if pending.checkpoint:
             self._write_checkpoint(pending.round + 1, pending.states, pending.center)
         self._save_round_state(new_round=False)
@@ -723,7 +703,7 @@ class Job:
             round=self.round,
             center=self.center,
             model=self.model if self.model is not None else self.center,
-            model_round=self._model_round,
+            model_round=self._gather.round,
             elapsed=self.elapsed(),
             train_size=self.train_size,
             round_event=self._last_round_event,
@@ -743,9 +723,9 @@ class Job:
         with self._cond:
             self._member(worker_id)
             give_up = None if timeout is None else time.monotonic() + timeout
-            while round not in self._models:
+            while (model := self._gather.kept(round)) is None:
                 self._require_running()
-                if round < self.round and (self._pending is None or self._pending.round != round):
+                if round < self.round and not self._gather.gathering(round):
                     raise CoordinatorError("FAILED_PRECONDITION", f"the model of round {round} is not kept")
                 remaining = None if give_up is None else give_up - time.monotonic()
                 if remaining is not None and remaining <= 0:
@@ -753,7 +733,7 @@ class Job:
                         "DEADLINE_EXCEEDED", f"the model of round {round} was not complete in {timeout}s"
                     )
                 self._cond.wait(remaining)
-            return self._models[round]
+            return model
 
     def _live_tensor(self, tensor: Tensor) -> Tensor:
         """What the disk writer may read later: async, the center moves in place with every exchange."""
@@ -814,7 +794,7 @@ class Job:
         holds (the last checkpoint, the exported model), then the job has SUCCEEDED."""
         if self._finishing or not self.rounds_done or self.state.terminal:
             return
-        if self._evals.awaited is not None or self._pending is not None:
+        if self._evals.awaited is not None or self._gather.pending is not None:
             return
         self._finishing = True
         reference = None
@@ -832,7 +812,8 @@ class Job:
 
     def _restore(self, ckpt: Checkpoint) -> None:
         self.round = ckpt.round
-        self.model, self.center, self._saved_states = unpack_job_state(ckpt.tensors)
+        model, self.center, self._saved_states = unpack_job_state(ckpt.tensors)
+        self._gather.adopt(model)
         size = ckpt.meta.get("train_size")
         if isinstance(size, int):
             self._learn_train_size(size, "the checkpoint")
@@ -846,12 +827,8 @@ class Job:
         if the log lacks it (the crash came between saving and logging)."""
         checkpoint_round = ckpt.round if ckpt is not None else 0
         # Saved after the checkpoint of the same round (if any), so its model is at least as new.
-        self.round, self.center, self.model, self._model_round = (
-            saved.round,
-            saved.center,
-            saved.model,
-            saved.model_round,
-        )
+        self.round, self.center = saved.round, saved.center
+        self._gather.adopt(saved.model, saved.model_round, keep=saved.model_round == saved.round - 1)
         if saved.train_size is not None:
             self._learn_train_size(saved.train_size, "the round state")
         self._elapsed_before = max(self._elapsed_before, saved.elapsed)
@@ -860,16 +837,14 @@ class Job:
         schedule = self.schedule
         if k < 0 or schedule is None:
             return None
-        if self._model_round == k:
-            self._models[k] = saved.model
-        needs_model = schedule.model_due(k) and self._model_round < k
+        needs_model = schedule.model_due(k) and self._gather.round < k
         needs_checkpoint = schedule.checkpoint_due(k) and checkpoint_round < self.round
         self._closed[k] = ClosedRound(
             saved.center, schedule.values(self.round), None, needs_checkpoint, schedule.is_last(k), needs_model
         )
         if needs_model:
             replicas = set(range(self.spec.replicas))
-            self._pending = PendingModel(k, saved.center, replicas, needs_checkpoint and needs_model)
+            self._gather.open(k, saved.center, replicas, needs_checkpoint and needs_model)
         logged = read_events(self.directory / "metrics.jsonl")
         evaluated = any(e.get("kind") == "eval" and e.get("round") == k for e in logged)
         exported = not schedule.is_last(k) or (self.directory / EXPORT_FILE).is_file()
