@@ -576,8 +576,9 @@ class Job:
         self.center = center
         if not sync:  # a snapshot: the live center moves on with every exchange
             self._gather.adopt(center.clone(), k, keep=True)
-        if gather and self._gather.open(k, center, {m.replica for m in live}, checkpoint):
-            self._finish_model()  # nobody left to upload
+        if gather:
+            if self._gather.open(k, center, {m.replica for m in live}, checkpoint):
+                self._finish_model()  # nobody left to upload
         elif checkpoint:  # async replicas never stand still together: the checkpoint holds the center
             self._write_checkpoint(k + 1, {})
         if evaluator is not None:
