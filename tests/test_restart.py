@@ -85,6 +85,7 @@ class Service:
         self.address = f"127.0.0.1:{free_port()}"
         self.cmd = [sys.executable, "-m", "cluster.cli", "coordinator", "--listen", self.address]
         self.cmd += ["--state-dir", str(state)]
+        self.state = state
         self.env, self.procs = env, procs
         self.proc = self.start()
 
@@ -92,6 +93,12 @@ class Service:
         self.proc = subprocess.Popen(self.cmd, env=self.env, cwd=REPO, stderr=subprocess.DEVNULL)
         self.procs.append(self.proc)
         return self.proc
+
+    def submit(self, client: JobsClient, raw: dict[str, Any]) -> tuple[str, Path]:
+        """Submit once the coordinator answers; the job's id and run directory."""
+        wait_for(lambda: reachable(client), 60, "the coordinator")
+        job_id = client.submit(yaml.safe_dump(raw))
+        return job_id, self.state / "jobs" / job_id
 
     def kill(self) -> None:
         self.proc.send_signal(signal.SIGKILL)
@@ -115,6 +122,12 @@ def resumes(job_dir: Path) -> list[dict[str, Any]]:
     return events(job_dir, "resume")
 
 
+def rejoined(job_dir: Path) -> list[tuple[int, str]]:
+    """(replica, where its state came from) of each join after the first three, by replica."""
+    joins = [m for m in events(job_dir, "member") if m["event"] == "join"][3:]
+    return sorted((m["replica"], m["start"]) for m in joins)
+
+
 @pytest.mark.timeout(240)
 def test_coordinator_killed_at_five_rounds_resumes_each_at_its_round_and_ends_with_the_same_model(
     tmp_path: Path, worker_env: dict[str, str], procs: list[subprocess.Popen[bytes]]
@@ -127,9 +140,7 @@ def test_coordinator_killed_at_five_rounds_resumes_each_at_its_round_and_ends_wi
 
     service = Service(tmp_path / "state", worker_env, procs)
     with JobsClient(Endpoint(service.address)) as client:
-        wait_for(lambda: reachable(client), 60, "the coordinator")
-        job_id = client.submit(yaml.safe_dump(raw))
-        job_dir = tmp_path / "state" / "jobs" / job_id
+        job_id, job_dir = service.submit(client, raw)
         workers = [service.worker(job_id, i) for i in range(3)]
         killed_at: list[int] = []
         target = 2
@@ -175,9 +186,7 @@ def test_a_replica_whose_worker_died_with_the_coordinator_comes_back_from_the_ch
     raw = spec_dict(epochs=3)  # 24 rounds
     service = Service(tmp_path / "state", worker_env, procs)
     with JobsClient(Endpoint(service.address)) as client:
-        wait_for(lambda: reachable(client), 60, "the coordinator")
-        job_id = client.submit(yaml.safe_dump(raw))
-        job_dir = tmp_path / "state" / "jobs" / job_id
+        job_id, job_dir = service.submit(client, raw)
         workers = [service.worker(job_id, i) for i in range(3)]
         wait_for(lambda: last_round(job_dir) >= 10, 90, "round 10")
         workers[2].send_signal(signal.SIGKILL)
@@ -190,8 +199,7 @@ def test_a_replica_whose_worker_died_with_the_coordinator_comes_back_from_the_ch
     assert resumes(job_dir)[-1]["round"] == closed + 1
     rounds = [r["round"] for r in events(job_dir, "round")]
     assert rounds == list(range(24))
-    joins = [m for m in events(job_dir, "member") if m["event"] == "join"][3:]
-    assert sorted((m["replica"], m["start"]) for m in joins) == [(0, "offer"), (1, "offer"), (2, "checkpoint")]
+    assert rejoined(job_dir) == [(0, "offer"), (1, "offer"), (2, "checkpoint")]
 
 
 @pytest.mark.timeout(180)
@@ -203,9 +211,7 @@ def test_pool_workers_are_taken_back_with_their_replicas_by_a_restarted_coordina
     raw = spec_dict(epochs=2)  # 16 rounds
     service = Service(tmp_path / "state", worker_env, procs)
     with JobsClient(Endpoint(service.address)) as client:
-        wait_for(lambda: reachable(client), 60, "the coordinator")
-        job_id = client.submit(yaml.safe_dump(raw))
-        job_dir = tmp_path / "state" / "jobs" / job_id
+        _, job_dir = service.submit(client, raw)
         workers = [service.pool_worker(f"pool{i}") for i in range(3)]
         wait_for(lambda: last_round(job_dir) >= 5, 90, "round 5")
         service.kill()
@@ -215,5 +221,4 @@ def test_pool_workers_are_taken_back_with_their_replicas_by_a_restarted_coordina
         assert all(p.poll() is None for p in workers)  # pool workers live on for the next job
     assert resumes(job_dir)[-1] == {**resumes(job_dir)[-1], "round": closed + 1, "from": "round-state"}
     assert [r["round"] for r in events(job_dir, "round")] == list(range(16))  # none lost, none run twice
-    joins = [m for m in events(job_dir, "member") if m["event"] == "join"][3:]
-    assert sorted((m["replica"], m["start"]) for m in joins) == [(0, "offer"), (1, "offer"), (2, "offer")]
+    assert rejoined(job_dir) == [(0, "offer"), (1, "offer"), (2, "offer")]
