@@ -12,7 +12,7 @@ Replicas on different GPUs compute at the same time. What the turns protect stay
 run concurrently: each replica draws from its own streams (sampler, Langevin noise), and the global
 stream its model draws from (dropout) is torch's CPU generator for a CPU replica, which only the one CPU
 group swaps, and its own GPU's default generator for a CUDA replica, which only that GPU's group swaps
-(``worker.loop.ReplicaRng``). A sync round's mean does not depend on which group reports first: the
+(``worker.replica_rng.ReplicaRng``). A sync round's mean does not depend on which group reports first: the
 coordinator sums the float32 reports in float64, where a few replicas' sum is exact (unless an element
 differs across them by a factor of more than about 2^27), so the order of additions does not change it.
 An async (EASGD) round does depend on the order, so there the exchanges themselves also go in replica

@@ -22,7 +22,7 @@ from cluster.local import run_local
 from coordinator.events import read_events
 from protos.spec import resolve
 from worker.flat import FlatParameters
-from worker.loop import replica_seed
+from worker.replica_rng import replica_seed
 from worker.workloads import BatchSampler, build_model, load_dataset, shard_indices
 
 TESTS = Path(__file__).parent

@@ -15,8 +15,8 @@ import worker.noise as noise
 from cluster.local import run_local
 from protos.spec import resolve
 from worker.kernels import ChainHyper, langevin_step_
-from worker.loop import ReplicaRng
 from worker.noise import CHUNK, NoiseStream, normal_like
+from worker.replica_rng import ReplicaRng
 
 BIG = 3 * CHUNK + 12_345  # four chunks, the last one partial and odd
 
