@@ -52,9 +52,15 @@ def save_round_state(path: Path, state: RoundState) -> None:
         "train_size": "" if state.train_size is None else str(state.train_size),
         "round_event": json.dumps(state.round_event),
     }
-    tensors = {"center": state.center.detach().cpu().contiguous(), "model": state.model.detach().cpu().contiguous()}
-    if tensors["model"].data_ptr() == tensors["center"].data_ptr():
-        tensors["model"] = tensors["model"].clone()  # safetensors refuses shared memory
+    center = state.center.detach().cpu().contiguous()
+    model = state.model.detach().cpu().contiguous()
+    tensors = {"center": center}
+    if model.data_ptr() == center.data_ptr() and model.shape == center.shape:
+        # No model gathered yet (the usual case): written once, not cloned (safetensors refuses shared memory)
+        # and not twice: this write is on every sync round's critical path (replies wait for it).
+        meta["model_is_center"] = "1"
+    else:
+        tensors["model"] = model
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(tensors, str(tmp), metadata=meta)
     with tmp.open("rb") as f:
@@ -82,7 +88,7 @@ def load_round_state(path: Path) -> RoundState | None:
         return RoundState(
             round=int(meta["round"]),
             center=tensors["center"],
-            model=tensors["model"],
+            model=tensors["center"].clone() if meta.get("model_is_center") == "1" else tensors["model"],
             model_round=int(meta["model_round"]),
             elapsed=float(meta["elapsed"]),
             train_size=int(size) if size else None,

@@ -38,6 +38,15 @@ def test_round_state_round_trips_and_a_torn_file_is_ignored(tmp_path: Path) -> N
     assert load_round_state(path) is None  # then the job resumes from its checkpoint
 
 
+def test_a_model_that_is_still_the_center_is_written_once_and_read_back_as_its_own_tensor(tmp_path: Path) -> None:
+    path, center = tmp_path / FILE, torch.arange(1000.0)
+    save_round_state(path, RoundState(2, center, center, -1, 1.0, 8, None))
+    assert path.stat().st_size < 2 * center.numel() * 4  # one copy of the bytes, not two
+    back = load_round_state(path)
+    assert back is not None and torch.equal(back.center, center) and torch.equal(back.model, center)
+    assert back.model.data_ptr() != back.center.data_ptr()  # as before: restored separately
+
+
 def run_round(job: Job, a: InProcessTransport, b: InProcessTransport, k: int, uploads: bool = True) -> None:
     replies = in_threads(
         lambda: a.exchange(k, torch.full((SIZE,), float(k)), STATS), lambda: b.exchange(k, torch.ones(SIZE), STATS)
