@@ -205,6 +205,20 @@ def test_bad_uploads_are_refused_and_the_center_is_untouched(server: Coordinator
         assert a.data_exchanges == 2 + len(cases)
 
 
+def test_references_a_caller_keeps_never_change_and_memory_it_let_go_of_is_reused(server: CoordinatorServer) -> None:
+    with members(server, 1) as (job, (a,)):
+        kept = [a.exchange(k, torch.full((SIZE,), float(k)), STATS).reference for k in range(4)]
+        assert [float(r[0]) for r in kept] == [0.0, 1.0, 2.0, 3.0]  # each one its own memory while held
+        assert all(bool((r == k).all()) for k, r in enumerate(kept))
+        ptrs = set()
+        for k in range(4, 10):  # as the worker's loop does: the last reply is dropped when the next arrives
+            reference = a.exchange(k, torch.full((SIZE,), float(k)), STATS).reference
+            assert bool((reference == k).all())
+            ptrs.add(reference.data_ptr())
+        assert len(ptrs) == 2  # two buffers take turns
+        assert job.center is not None and bool((job.center == 9.0).all())
+
+
 def test_fp16_on_the_wire(server: CoordinatorServer, tmp_path: Path) -> None:
     job = server.manager.job(server.manager.submit(small_spec(replicas=1, runtime={"compression": "fp16"})))
     with GrpcTransport(server.address, TOKEN, job_id=job.job_id, timeout_s=30) as t:

@@ -4,7 +4,9 @@ coordinator/datachannel.py): one authenticated socket per membership that carrie
 The upload is sent with ``sendall`` from the tensor's own memory (a CPU float32 tensor is not copied;
 a GPU tensor is copied once into a pinned host buffer with a non-blocking transfer, narrowed on the GPU
 first when the job compresses), and the reference is received with ``recv_into`` into the tensor that is
-returned (for a GPU worker: into a pinned buffer, then moved to the device without blocking).
+returned (for a GPU worker: into a pinned buffer, then moved to the device without blocking). A CPU
+worker's reference lands in memory an earlier reply used once nothing refers to that reply any more
+(protos/buffers.py): no page faults, and no tensor the caller still holds ever changes.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from torch import Tensor
 
 from protos import frames
 from protos import parle_pb2 as pb
+from protos.buffers import ReusableBuffers
 from protos.codec import MAX_CHUNK_BYTES, CodecError, check_headers, to_proto_dtype, wire_view
 from protos.messages import CoordinatorError
 
@@ -45,6 +48,7 @@ class DataChannel:
         self._pinned_up: Tensor | None = None  # GPU workers: host staging buffers, allocated once
         self._pinned_down: Tensor | None = None
         self._down_done: torch.cuda.Event | None = None
+        self._down = ReusableBuffers(keep=2)  # CPU workers: the loop holds the last reply until the next
 
     @classmethod
     def connect(
@@ -155,7 +159,7 @@ class DataChannel:
                 self._pinned_down = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
             raw = self._pinned_down[:nbytes]
         else:
-            raw = torch.empty(nbytes, dtype=torch.uint8)
+            raw = self._down.take(nbytes, torch.uint8)  # memory the previous-but-one reply let go of, if any
         frames.recv_exactly(self.sock, raw.numpy().data)
         out = raw.view(wire_dtype).view(shape)
         if cuda:

@@ -1,0 +1,60 @@
+"""Model-sized buffers that are reused once nothing refers to their memory any more: the coordinator's
+round means (coordinator/reference.py) and the worker's received references (worker/transports/datachannel.py).
+
+Why: writing a model into freshly allocated memory costs a page fault per 4 KiB page (about 6 us on a VM;
+``parle coordinator``'s allocator settings map every large block afresh, and glibc does so for any block
+of 32 MiB and up): at 32 MiB that was about half of ``Job.report``'s time, more than the arithmetic, and
+as much again in the worker that receives the reference.
+
+Lifetime, for the coordinator's mean (the hardest case): it becomes the center, the closed round's
+reference (which replies are still being sent from, over gRPC or the data channel, after the job's lock
+is released), the round state handed to the writer thread, a pending model, a checkpoint's tensor, and in
+async mode the live center that moves on with every exchange. Rather than have each of those hand the
+memory back (and get one of them wrong), ``take`` hands out a *view* of a buffer the ring keeps, and a
+buffer is taken again only when its storage has no user besides the ring's own tensor: every holder above
+keeps a tensor (or a numpy array or memoryview made from one, which keeps that tensor alive), and each of
+those counts as a user of the storage. So memory is reused only when it is provably unreferenced, whoever
+held it. The worker's loop likewise keeps the previous round's reply until the next one arrives: its
+buffer is simply not reused then (a ring of two alternates), and a caller that keeps a reference for
+longer gets fresh memory, not a tensor that changes under it. (Holding only the storage object,
+``t.untyped_storage()``, is not seen: nothing here does.)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _storage_users(t: Tensor) -> int:
+    return int(torch._C._storage_Use_Count(t.untyped_storage()._cdata))
+
+
+class ReusableBuffers:
+    """At most ``keep`` buffers; ``take`` returns an unreferenced one of the right size and dtype, else a
+    new one (which replaces the oldest buffer when the ring is full: that one lives on, and is freed, with
+    its holders)."""
+
+    def __init__(self, keep: int = 4) -> None:
+        if keep < 1:
+            raise ValueError(f"keep must be at least 1, got {keep}")
+        self.keep = keep
+        self._ring: list[tuple[Tensor, int]] = []  # (buffer, its storage's users when nobody else holds it)
+
+    def take(self, numel: int, dtype: torch.dtype) -> Tensor:
+        """A flat tensor of ``numel`` elements whose memory nobody else uses; its content is undefined."""
+        for base, alone in self._ring:
+            if base.numel() == numel and base.dtype == dtype and _storage_users(base) == alone:
+                return base.view(-1)  # a new view: while it (or anything made from it) lives, the buffer is busy
+        base = torch.empty(numel, dtype=dtype)
+        if len(self._ring) >= self.keep:
+            self._ring.pop(0)
+        self._ring.append((base, _storage_users(base)))
+        return base.view(-1)
+
+    def clear(self) -> None:
+        """Forget every buffer (those still held are freed with their holders)."""
+        self._ring.clear()
+
+    def __len__(self) -> int:
+        return len(self._ring)
