@@ -219,6 +219,41 @@ def test_references_a_caller_keeps_never_change_and_memory_it_let_go_of_is_reuse
         assert job.center is not None and bool((job.center == 9.0).all())
 
 
+def test_the_reference_is_sent_while_the_round_is_saved_and_used_only_after_commit(
+    server: CoordinatorServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from coordinator import metrics, round_state
+
+    saving, release = threading.Event(), threading.Event()
+    real_save = round_state.save_round_state
+
+    def slow_save(path: Path, state: round_state.RoundState) -> None:
+        saving.set()
+        assert release.wait(30), "the test never released the write"
+        real_save(path, state)
+
+    monkeypatch.setattr(round_state, "save_round_state", slow_save)
+    down = metrics.EXCHANGE_BYTES.labels("down")
+    with members(server, 1) as (_job, (a,)):
+        before = down._value.get()
+        result: list[Any] = []
+        thread = threading.Thread(target=lambda: result.append(a.exchange(0, torch.full((SIZE,), 3.0), STATS)))
+        thread.start()
+        assert saving.wait(30)
+        deadline = threading.Event()
+        for _ in range(300):  # the reference's bytes leave while the round state is still being written
+            if down._value.get() >= before + SIZE * 4:
+                break
+            deadline.wait(0.1)
+        assert down._value.get() >= before + SIZE * 4
+        thread.join(0.5)
+        assert thread.is_alive() and not result  # not usable before COMMIT
+        release.set()
+        thread.join(30)
+        assert result and torch.equal(result[0].reference, torch.full((SIZE,), 3.0))
+        assert a.data_exchanges == 1
+
+
 def test_fp16_on_the_wire(server: CoordinatorServer, tmp_path: Path) -> None:
     job = server.manager.job(server.manager.submit(small_spec(replicas=1, runtime={"compression": "fp16"})))
     with GrpcTransport(server.address, TOKEN, job_id=job.job_id, timeout_s=30) as t:

@@ -117,7 +117,11 @@ class DataChannel:
         if kind == frames.ERROR:
             raise CoordinatorError(*frames.parse_error(body))
         down = pb.ExchangeDownload.FromString(body)
-        return down, self._receive_reference(down.tensors)
+        reference = self._receive_reference(down.tensors)
+        kind, body = frames.recv_frame(sock, (frames.COMMIT,))  # the round is saved: the reference may be used
+        if kind == frames.ERROR:
+            raise CoordinatorError(*frames.parse_error(body))
+        return down, reference
 
     def _wire(self, mu: Tensor, compression: pb.Compression) -> tuple[pb.TensorHeader, np.ndarray]:
         if mu.device.type != "cuda":
