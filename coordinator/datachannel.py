@@ -46,6 +46,7 @@ from coordinator.reference import SQ_NORM_BLOCK, block_squared_norms
 from coordinator.service import JobManager
 from protos import frames
 from protos import parle_pb2 as pb
+from protos.buffers import ReusableBuffers
 from protos.codec import CodecError, CodecTooLarge, TensorSpec, check_headers, wire_view
 from protos.messages import CoordinatorError, ExchangeReply, RoundStats
 from protos.wire import COMPRESSION, directives_to_pb, values_to_pb
@@ -137,6 +138,7 @@ class DataChannelServer:
         self._token = None if worker_token is None else worker_token.encode()
         self._ssl = ssl_context
         self._pool = BufferPool(uploads_at_once)
+        self._widened = ReusableBuffers(keep=uploads_at_once)  # compressed uploads, widened (one per pool buffer)
         self._slots = threading.BoundedSemaphore(max_connections)
         self._conns: set[socket.socket] = set()
         self._lock = threading.Lock()
@@ -265,8 +267,8 @@ class DataChannelServer:
             if bad is not None:
                 raise CoordinatorError("INVALID_ARGUMENT", f"{what}: {bad}")
             mu = raw.view(layout.wire_dtype)
-            if layout.wire_dtype != layout.dtype:
-                mu = mu.to(layout.dtype)  # compressed on the wire: widened like the codec does
+            if layout.wire_dtype != layout.dtype:  # compressed on the wire: widened like the codec does,
+                mu = self._widened.converted(mu, layout.dtype)  # into memory Job.report let go of (it keeps none)
             reply = job.report(worker_id, up.round, mu.view(layout.shape), stats, sq_norm=sq_norm)
         if reply is None:  # sync: wait for the others, holding no buffer
             reply = self._await_round(job, worker_id, up.round)

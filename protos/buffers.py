@@ -22,6 +22,9 @@ longer gets fresh memory, not a tensor that changes under it. (Holding only the 
 
 from __future__ import annotations
 
+import threading
+
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -40,21 +43,35 @@ class ReusableBuffers:
             raise ValueError(f"keep must be at least 1, got {keep}")
         self.keep = keep
         self._ring: list[tuple[Tensor, int]] = []  # (buffer, its storage's users when nobody else holds it)
+        self._lock = threading.Lock()  # threads that take at once never get the same buffer
 
     def take(self, numel: int, dtype: torch.dtype) -> Tensor:
         """A flat tensor of ``numel`` elements whose memory nobody else uses; its content is undefined."""
-        for base, alone in self._ring:
-            if base.numel() == numel and base.dtype == dtype and _storage_users(base) == alone:
-                return base.view(-1)  # a new view: while it (or anything made from it) lives, the buffer is busy
-        base = torch.empty(numel, dtype=dtype)
-        if len(self._ring) >= self.keep:
-            self._ring.pop(0)
-        self._ring.append((base, _storage_users(base)))
-        return base.view(-1)
+        with self._lock:
+            for base, alone in self._ring:
+                if base.numel() == numel and base.dtype == dtype and _storage_users(base) == alone:
+                    return base.view(-1)  # a new view: while it (or anything made from it) lives, it is busy
+            base = torch.empty(numel, dtype=dtype)
+            if len(self._ring) >= self.keep:
+                self._ring.pop(0)
+            self._ring.append((base, _storage_users(base)))
+            return base.view(-1)
+
+    def converted(self, x: Tensor, dtype: torch.dtype) -> Tensor:
+        """``x.to(dtype)`` (a CPU tensor, e.g. fp16 off the wire widened to float32) in a taken buffer; numpy
+        converts in the calling thread where it has both dtypes (torch would wake its thread team, which
+        stalls on a loaded machine)."""
+        out, flat = self.take(x.numel(), dtype), x.detach().reshape(-1)
+        if torch.bfloat16 in (dtype, x.dtype):
+            out.copy_(flat)
+        else:
+            np.copyto(out.numpy(), flat.numpy())
+        return out.view(x.shape)
 
     def clear(self) -> None:
         """Forget every buffer (those still held are freed with their holders)."""
-        self._ring.clear()
+        with self._lock:
+            self._ring.clear()
 
     def __len__(self) -> int:
         return len(self._ring)

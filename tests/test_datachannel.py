@@ -205,8 +205,14 @@ def test_bad_uploads_are_refused_and_the_center_is_untouched(server: Coordinator
         assert a.data_exchanges == 2 + len(cases)
 
 
-def test_references_a_caller_keeps_never_change_and_memory_it_let_go_of_is_reused(server: CoordinatorServer) -> None:
-    with members(server, 1) as (job, (a,)):
+@pytest.mark.parametrize("compression", ["none", "fp16"])
+def test_references_a_caller_keeps_never_change_and_memory_it_let_go_of_is_reused(
+    server: CoordinatorServer, compression: str
+) -> None:
+    spec = small_spec(replicas=1, runtime={"compression": compression})
+    job = server.manager.job(server.manager.submit(spec))
+    with GrpcTransport(server.address, TOKEN, job_id=job.job_id, timeout_s=30) as a:
+        a.join("w", "cpu")
         kept = [a.exchange(k, torch.full((SIZE,), float(k)), STATS).reference for k in range(4)]
         assert [float(r[0]) for r in kept] == [0.0, 1.0, 2.0, 3.0]  # each one its own memory while held
         assert all(bool((r == k).all()) for k, r in enumerate(kept))
@@ -216,7 +222,8 @@ def test_references_a_caller_keeps_never_change_and_memory_it_let_go_of_is_reuse
             assert bool((reference == k).all())
             ptrs.add(reference.data_ptr())
         assert len(ptrs) == 2  # two buffers take turns
-        assert job.center is not None and bool((job.center == 9.0).all())
+        assert job.center is not None and job.center.dtype == torch.float32 and bool((job.center == 9.0).all())
+        assert a.data_exchanges == 10
 
 
 def test_the_reference_is_sent_while_the_round_is_saved_and_used_only_after_commit(

@@ -49,6 +49,7 @@ class DataChannel:
         self._pinned_down: Tensor | None = None
         self._down_done: torch.cuda.Event | None = None
         self._down = ReusableBuffers(keep=2)  # CPU workers: the loop holds the last reply until the next
+        self._widened = ReusableBuffers(keep=2)  # the same, for a compressed reference widened to its dtype
 
     @classmethod
     def connect(
@@ -170,7 +171,9 @@ class DataChannel:
             out = out.to(self.device, non_blocking=True)
             self._down_done = torch.cuda.Event()
             self._down_done.record()
-        return out if out.dtype == dtype else out.to(dtype)
+        if out.dtype == dtype:
+            return out
+        return out.to(dtype) if cuda else self._widened.converted(out, dtype)  # compressed: widened
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
