@@ -99,8 +99,9 @@ class DataChannel:
         self, upload: pb.ExchangeUpload, mu: Tensor, compression: pb.Compression, timeout_s: float
     ) -> tuple[pb.ExchangeDownload, Tensor]:
         """One round: ``upload`` (its tensors are filled in here) with ``mu``'s bytes, then the coordinator's
-        ExchangeDownload and the reference. Raises ``Unsent`` when the connection failed before GO,
-        ``CoordinatorError`` for the coordinator's refusals, ``ConnectionError`` after GO."""
+        ExchangeDownload and the reference, returned once COMMIT said the round is saved. Raises ``Unsent``
+        when the connection failed before GO, ``CoordinatorError`` for the coordinator's refusals,
+        ``ConnectionError`` after GO."""
         header, view = self._wire(mu, compression)
         del upload.tensors[:]
         upload.tensors.append(header)
