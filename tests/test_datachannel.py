@@ -261,6 +261,42 @@ def test_the_reference_is_sent_while_the_round_is_saved_and_used_only_after_comm
         assert a.data_exchanges == 1
 
 
+def test_a_job_that_ends_while_its_round_is_saved_answers_error_instead_of_commit(
+    server: CoordinatorServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from coordinator import round_state
+
+    saving, release = threading.Event(), threading.Event()
+    real_save = round_state.save_round_state
+
+    def slow_save(path: Path, state: round_state.RoundState) -> None:
+        saving.set()
+        release.wait(30)
+        real_save(path, state)
+
+    monkeypatch.setattr(round_state, "save_round_state", slow_save)
+    try:
+        with members(server, 1) as (job, (a,)):
+            errors: list[BaseException] = []
+
+            def exchange() -> None:
+                try:
+                    a.exchange(0, torch.full((SIZE,), 3.0), STATS)
+                except BaseException as err:
+                    errors.append(err)
+
+            thread = threading.Thread(target=exchange)
+            thread.start()
+            assert saving.wait(30)
+            server.manager.cancel(job.job_id)
+            thread.join(30)
+            assert not thread.is_alive()
+            assert len(errors) == 1 and isinstance(errors[0], CoordinatorError), errors
+            assert "cancelled" in str(errors[0])
+    finally:
+        release.set()
+
+
 def test_fp16_on_the_wire(server: CoordinatorServer, tmp_path: Path) -> None:
     job = server.manager.job(server.manager.submit(small_spec(replicas=1, runtime={"compression": "fp16"})))
     with GrpcTransport(server.address, TOKEN, job_id=job.job_id, timeout_s=30) as t:
