@@ -46,8 +46,8 @@ from coordinator.reference import SQ_NORM_BLOCK, block_squared_norms
 from coordinator.service import JobManager
 from protos import frames
 from protos import parle_pb2 as pb
-from protos.buffers import ReusableBuffers
-from protos.codec import CodecError, CodecTooLarge, TensorSpec, check_headers, wire_view
+from protos.buffers import ReusableBuffers, narrowed_wire_view
+from protos.codec import CodecError, CodecTooLarge, TensorSpec, check_headers
 from protos.messages import CoordinatorError, ExchangeReply, RoundStats
 from protos.wire import COMPRESSION, directives_to_pb, values_to_pb
 
@@ -139,6 +139,7 @@ class DataChannelServer:
         self._ssl = ssl_context
         self._pool = BufferPool(uploads_at_once)
         self._widened = ReusableBuffers(keep=uploads_at_once)  # compressed uploads, widened (one per pool buffer)
+        self._narrowed = ReusableBuffers(keep=uploads_at_once)  # compressed references being sent
         self._slots = threading.BoundedSemaphore(max_connections)
         self._conns: set[socket.socket] = set()
         self._lock = threading.Lock()
@@ -336,7 +337,8 @@ class DataChannelServer:
         frames.send_frame(sock, frames.COMMIT)
 
     def _download(self, sock: socket.socket, job: Job, reply: ExchangeReply) -> None:
-        header, view = wire_view("reference", reply.reference, COMPRESSION[job.spec.runtime.compression])
+        compression = COMPRESSION[job.spec.runtime.compression]
+        header, view = narrowed_wire_view("reference", reply.reference, compression, self._narrowed)
         down = pb.ExchangeDownload(
             closed_round=reply.closed_round,
             next=values_to_pb(reply.next_values),

@@ -24,8 +24,8 @@ from torch import Tensor
 
 from protos import frames
 from protos import parle_pb2 as pb
-from protos.buffers import ReusableBuffers
-from protos.codec import MAX_CHUNK_BYTES, CodecError, check_headers, to_proto_dtype, wire_view
+from protos.buffers import ReusableBuffers, narrowed_wire_view
+from protos.codec import MAX_CHUNK_BYTES, CodecError, check_headers, to_proto_dtype
 from protos.messages import CoordinatorError
 
 _NARROWED = {pb.COMPRESSION_FP16: torch.float16, pb.COMPRESSION_BF16: torch.bfloat16}
@@ -50,6 +50,7 @@ class DataChannel:
         self._down_done: torch.cuda.Event | None = None
         self._down = ReusableBuffers(keep=2)  # CPU workers: the loop holds the last reply until the next
         self._widened = ReusableBuffers(keep=2)  # the same, for a compressed reference widened to its dtype
+        self._narrowed = ReusableBuffers(keep=2)  # a compressed upload's wire values
 
     @classmethod
     def connect(
@@ -127,7 +128,7 @@ class DataChannel:
 
     def _wire(self, mu: Tensor, compression: pb.Compression) -> tuple[pb.TensorHeader, np.ndarray]:
         if mu.device.type != "cuda":
-            return wire_view("mu", mu, compression)
+            return narrowed_wire_view("mu", mu, compression, self._narrowed)
         narrow = _NARROWED.get(compression) if mu.dtype in (torch.float32, torch.float64) else None
         wire = mu.detach().reshape(-1)
         if narrow is not None:
