@@ -41,7 +41,8 @@ def _storage_users(t: Tensor) -> int:
 class ReusableBuffers:
     """At most ``keep`` buffers; ``take`` returns an unreferenced one of the right size and dtype, else a
     new one (which replaces the oldest buffer when the ring is full: that one lives on, and is freed, with
-    its holders)."""
+    its holders). Free buffers that ``take`` does not hand out are let go: in a steady state of rounds the
+    ring holds the buffers still in use and the one being handed out, nothing idle."""
 
     def __init__(self, keep: int = 4) -> None:
         if keep < 1:
@@ -53,14 +54,22 @@ class ReusableBuffers:
     def take(self, numel: int, dtype: torch.dtype) -> Tensor:
         """A flat tensor of ``numel`` elements whose memory nobody else uses; its content is undefined."""
         with self._lock:
+            chosen: Tensor | None = None
+            ring: list[tuple[Tensor, int]] = []
             for base, alone in self._ring:
-                if base.numel() == numel and base.dtype == dtype and _storage_users(base) == alone:
-                    return base.view(-1)  # a new view: while it (or anything made from it) lives, it is busy
-            base = torch.empty(numel, dtype=dtype)
-            if len(self._ring) >= self.keep:
-                self._ring.pop(0)
-            self._ring.append((base, _storage_users(base)))
-            return base.view(-1)
+                if _storage_users(base) != alone:
+                    ring.append((base, alone))  # busy: kept for when its holders let go
+                elif chosen is None and base.numel() == numel and base.dtype == dtype:
+                    chosen = base
+                    ring.append((base, alone))
+                # else free and not needed now: let go, so that idle memory is at most the buffer in use
+            if chosen is None:
+                chosen = torch.empty(numel, dtype=dtype)
+                if len(ring) >= self.keep:
+                    ring.pop(0)
+                ring.append((chosen, _storage_users(chosen)))
+            self._ring = ring
+            return chosen.view(-1)  # a new view: while it (or anything made from it) lives, it is busy
 
     def converted(self, x: Tensor, dtype: torch.dtype) -> Tensor:
         """``x.to(dtype)`` (a CPU tensor, e.g. fp16 off the wire widened to float32) in a taken buffer. torch

@@ -34,6 +34,8 @@ def test_the_ring_is_bounded_and_sizes_and_dtypes_do_not_mix() -> None:
     held = [ring.take(10, torch.float32) for _ in range(5)]
     assert len(ring) == 3 and len({t.data_ptr() for t in held}) == 5  # all busy: fresh ones, oldest evicted
     del held
+    ring.take(10, torch.float32)  # one of the freed buffers; the other free ones are let go
+    assert len(ring) == 1
     a = ring.take(10, torch.float64)
     assert a.dtype == torch.float64 and a.numel() == 10
     b = ring.take(20, torch.float32)
