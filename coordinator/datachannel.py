@@ -13,6 +13,9 @@ with ``recv_into`` straight into a pooled buffer, and each block is checked for 
 a complete, finite upload goes to ``Job.report``, which adds it to the float64 sum in one pass: a rejected
 upload, however late its bad value, never touches the center.
 
+When rounds are saved (the service), the reply's bytes are sent while the round state is being written,
+and a COMMIT frame follows once it is on disk; the worker acts on the reference only after COMMIT.
+
 Memory: at most ``uploads_at_once`` receive buffers exist (each as large as the largest upload, reused);
 a worker waiting for its slot, or for the round to close, holds a socket and a thread, not a tensor. The
 reply is sent from the round's reference itself, with no copy (narrowed first when the job compresses).
@@ -43,7 +46,8 @@ from coordinator.reference import SQ_NORM_BLOCK, block_squared_norms
 from coordinator.service import JobManager
 from protos import frames
 from protos import parle_pb2 as pb
-from protos.codec import CodecError, CodecTooLarge, TensorSpec, check_headers, wire_view
+from protos.buffers import ReusableBuffers, narrowed_wire_view
+from protos.codec import CodecError, CodecTooLarge, TensorSpec, check_headers
 from protos.messages import CoordinatorError, ExchangeReply, RoundStats
 from protos.wire import COMPRESSION, directives_to_pb, values_to_pb
 
@@ -134,6 +138,8 @@ class DataChannelServer:
         self._token = None if worker_token is None else worker_token.encode()
         self._ssl = ssl_context
         self._pool = BufferPool(uploads_at_once)
+        self._widened = ReusableBuffers(keep=uploads_at_once)  # compressed uploads, widened (one per pool buffer)
+        self._narrowed = ReusableBuffers(keep=uploads_at_once)  # compressed references being sent
         self._slots = threading.BoundedSemaphore(max_connections)
         self._conns: set[socket.socket] = set()
         self._lock = threading.Lock()
@@ -223,15 +229,16 @@ class DataChannelServer:
             sock.settimeout(None)  # between rounds a worker computes as long as it needs
             _, body = frames.recv_frame(sock, (frames.UPLOAD,))
             try:
-                job, reply = self._upload(sock, job_id, worker_id, body)
+                job, round, reply = self._upload(sock, job_id, worker_id, body)
                 self._download(sock, job, reply)
+                self._commit(sock, job, round)
             except (CoordinatorError, CodecError, ValueError, DecodeError) as err:
                 code = _status(err)
                 metrics.REJECTED.labels(code.lower()).inc()
                 log.info("data channel: rejected (%s): %s", code, err)
                 frames.send_error(sock, code, str(err))
 
-    def _upload(self, sock: socket.socket, job_id: str, worker_id: str, body: bytes) -> tuple[Job, ExchangeReply]:
+    def _upload(self, sock: socket.socket, job_id: str, worker_id: str, body: bytes) -> tuple[Job, int, ExchangeReply]:
         self.limits.check_open()
         up = pb.ExchangeUpload.FromString(body)
         if (up.job_id, up.worker_id) != (job_id, worker_id):
@@ -261,12 +268,12 @@ class DataChannelServer:
             if bad is not None:
                 raise CoordinatorError("INVALID_ARGUMENT", f"{what}: {bad}")
             mu = raw.view(layout.wire_dtype)
-            if layout.wire_dtype != layout.dtype:
-                mu = mu.to(layout.dtype)  # compressed on the wire: widened like the codec does
+            if layout.wire_dtype != layout.dtype:  # compressed on the wire: widened like the codec does,
+                mu = self._widened.converted(mu, layout.dtype)  # into memory Job.report let go of (it keeps none)
             reply = job.report(worker_id, up.round, mu.view(layout.shape), stats, sq_norm=sq_norm)
         if reply is None:  # sync: wait for the others, holding no buffer
             reply = self._await_round(job, worker_id, up.round)
-        return job, reply
+        return job, up.round, reply
 
     @staticmethod
     def _receive(sock: socket.socket, raw: torch.Tensor, wire_dtype: torch.dtype) -> tuple[float | None, str | None]:
@@ -306,16 +313,32 @@ class DataChannelServer:
         return total, bad
 
     def _await_round(self, job: Job, worker_id: str, round: int) -> ExchangeReply:
+        """The closed round's reply, without waiting for its round state to reach the disk (``_commit`` does)."""
         while True:
             self.limits.check_open()
             try:
-                return job.await_round(worker_id, round, POLL_S)
+                return job.await_round(worker_id, round, POLL_S, durable=False)
             except CoordinatorError as err:
                 if err.code != "DEADLINE_EXCEEDED":
                     raise
 
+    def _commit(self, sock: socket.socket, job: Job, round: int) -> None:
+        """COMMIT once the round state naming the next round is on disk (the write overlapped the download):
+        only then does the worker use the reference, so no worker is ever ahead of what a restarted
+        coordinator reads back. A job that failed meanwhile answers ERROR instead."""
+        while True:
+            self.limits.check_open()
+            try:
+                job.await_durable(round, POLL_S)
+                break
+            except CoordinatorError as err:
+                if err.code != "DEADLINE_EXCEEDED":
+                    raise
+        frames.send_frame(sock, frames.COMMIT)
+
     def _download(self, sock: socket.socket, job: Job, reply: ExchangeReply) -> None:
-        header, view = wire_view("reference", reply.reference, COMPRESSION[job.spec.runtime.compression])
+        compression = COMPRESSION[job.spec.runtime.compression]
+        header, view = narrowed_wire_view("reference", reply.reference, compression, self._narrowed)
         down = pb.ExchangeDownload(
             closed_round=reply.closed_round,
             next=values_to_pb(reply.next_values),

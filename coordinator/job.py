@@ -493,13 +493,29 @@ class Job:
             self._apply(self._rounds.report(worker_id, time.monotonic()))
             return None
 
-    def await_round(self, worker_id: str, round: int, timeout: float | None = None) -> ExchangeReply:
+    def await_round(
+        self, worker_id: str, round: int, timeout: float | None = None, *, durable: bool = True
+    ) -> ExchangeReply:
+        """``durable=False``: as soon as the round has closed, maybe before its round state is on disk; the
+        caller may then send the reply's bytes but must not let the worker act on them before
+        ``await_durable(round)`` returns (the data channel's COMMIT: the write overlaps the download)."""
         with self._cond:
-            return self._await_close(worker_id, round, timeout)
+            return self._await_close(worker_id, round, timeout, durable)
 
-    def _await_close(self, worker_id: str, round: int, timeout: float | None) -> ExchangeReply:
+    def await_durable(self, round: int, timeout: float | None = None) -> None:
+        """Wait, as ``await_round`` does, until the round state naming the round after ``round`` is on disk."""
         give_up = None if timeout is None else time.monotonic() + timeout
-        while round not in self._closed or not self._durable(round):
+        with self._cond:
+            while not self._durable(round):
+                self._require_running()
+                now = time.monotonic()
+                if give_up is not None and now >= give_up:
+                    raise CoordinatorError("DEADLINE_EXCEEDED", f"round {round} was not saved in {timeout}s")
+                self._cond.wait(None if give_up is None else give_up - now)
+
+    def _await_close(self, worker_id: str, round: int, timeout: float | None, durable: bool = True) -> ExchangeReply:
+        give_up = None if timeout is None else time.monotonic() + timeout
+        while round not in self._closed or (durable and not self._durable(round)):
             self._require_running()
             now = time.monotonic()
             if give_up is not None and now >= give_up:

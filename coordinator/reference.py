@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from protos.buffers import ReusableBuffers
+
 # Elements per block of ``squared_norm`` (1 MiB of float32). The norm is the sum of the blocks' norms in
 # order, so the data channel, which checks the blocks as they arrive, computes the same value as gRPC's path.
 SQ_NORM_BLOCK = 1 << 18
@@ -56,7 +58,8 @@ def block_squared_norms(flat: Tensor) -> list[float]:
 class SyncMean:
     """xbar_next = mean of the reported coupled averages, plus their spread around it.
 
-    The float64 sum's buffer is kept after ``finish`` and reused by the next round (``reset``): a fresh
+    The float64 sum's buffer is kept after ``finish`` and reused by the next round (``reset``), and the mean
+    is written into a buffer of ``ReusableBuffers`` that no earlier round's holder uses any more: a fresh
     model-sized allocation every round costs page faults comparable to moving the bytes."""
 
     def __init__(self) -> None:
@@ -64,6 +67,7 @@ class SyncMean:
         self._spare: Tensor | None = None
         self._sq_norms = 0.0
         self._dtype = torch.float32
+        self._means = ReusableBuffers()  # each round's mean is written into memory a finished round let go of
         self.count = 0
 
     def reset(self) -> None:
@@ -95,7 +99,7 @@ class SyncMean:
         if self._sum is None or self.count == 0:
             raise ValueError("no coupled averages were reported for this round")
         total, count = self._sum, self.count
-        mean = torch.empty(total.shape, dtype=self._dtype)
+        mean = self._means.take(total.numel(), self._dtype)
         if self._dtype == torch.bfloat16:
             torch.div(total, count, out=mean)
             total_sq = squared_norm(total)
@@ -104,7 +108,7 @@ class SyncMean:
             for i in range(0, t.size, SQ_NORM_BLOCK):
                 block = t[i : i + SQ_NORM_BLOCK]
                 np.divide(block, count, out=m[i : i + SQ_NORM_BLOCK], casting="same_kind")
-                total_sq += float(np.einsum("i,i->", block, block))
+                total_sq += float(np.dot(block, block))  # float64 BLAS: a fifth of einsum's time
         spread = self._sq_norms / count - total_sq / count**2
         self._spare, self._sum = total, None
         return mean, max(spread, 0.0) ** 0.5

@@ -17,11 +17,14 @@ A frame is one byte of kind, a 4-byte little-endian body length, then the body (
     the tensor's wire bytes (total_bytes)      ->
                                               <-  DOWNLOAD pb.ExchangeDownload, then its tensor's bytes
                                                   (or ERROR: e.g. NaN in the upload, stale round)
+                                              <-  COMMIT                          (or ERROR: the job failed)
     UPLOAD ... (the next round)
 
 The coordinator answers GO only after the header passed every check, so a refused header costs no
 payload bytes; an upload refused for its content (NaN/Inf) has been read to its end, so the connection
-stays in step and serves the next round.
+stays in step and serves the next round. COMMIT says the closed round's state is on disk (the coordinator
+sends the reference while writing it): the worker uses the reference only after COMMIT, so a coordinator
+that crashes in between resumes at a round no worker has left.
 """
 
 from __future__ import annotations
@@ -31,11 +34,21 @@ import socket
 import struct
 from typing import Any
 
-HELLO, WELCOME, UPLOAD, GO, DOWNLOAD, ERROR = 1, 2, 3, 4, 5, 6
-KIND_NAMES = {HELLO: "HELLO", WELCOME: "WELCOME", UPLOAD: "UPLOAD", GO: "GO", DOWNLOAD: "DOWNLOAD", ERROR: "ERROR"}
+HELLO, WELCOME, UPLOAD, GO, DOWNLOAD, ERROR, COMMIT = 1, 2, 3, 4, 5, 6, 7
+KIND_NAMES = {
+    HELLO: "HELLO",
+    WELCOME: "WELCOME",
+    UPLOAD: "UPLOAD",
+    GO: "GO",
+    DOWNLOAD: "DOWNLOAD",
+    ERROR: "ERROR",
+    COMMIT: "COMMIT",
+}
 MAX_BODY_BYTES = 64 * 1024  # control messages only: headers, never tensor bytes
 TICKET_BYTES = 32
-FEATURE = "data-channel"  # Capabilities.features entry of a worker that speaks it
+# Capabilities.features entry of a worker that speaks this protocol (version 2: COMMIT; a worker or a
+# coordinator that knows only version 1 does not offer or accept it, and the pair exchanges over gRPC).
+FEATURE = "data-channel/2"
 _HEAD = struct.Struct("<BI")
 
 

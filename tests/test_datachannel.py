@@ -205,6 +205,98 @@ def test_bad_uploads_are_refused_and_the_center_is_untouched(server: Coordinator
         assert a.data_exchanges == 2 + len(cases)
 
 
+@pytest.mark.parametrize("compression", ["none", "fp16"])
+def test_references_a_caller_keeps_never_change_and_memory_it_let_go_of_is_reused(
+    server: CoordinatorServer, compression: str
+) -> None:
+    spec = small_spec(replicas=1, runtime={"compression": compression})
+    job = server.manager.job(server.manager.submit(spec))
+    with GrpcTransport(server.address, TOKEN, job_id=job.job_id, timeout_s=30) as a:
+        a.join("w", "cpu")
+        kept = [a.exchange(k, torch.full((SIZE,), float(k)), STATS).reference for k in range(4)]
+        assert [float(r[0]) for r in kept] == [0.0, 1.0, 2.0, 3.0]  # each one its own memory while held
+        assert all(bool((r == k).all()) for k, r in enumerate(kept))
+        ptrs = set()
+        for k in range(4, 10):  # as the worker's loop does: the last reply is dropped when the next arrives
+            reference = a.exchange(k, torch.full((SIZE,), float(k)), STATS).reference
+            assert bool((reference == k).all())
+            ptrs.add(reference.data_ptr())
+        assert len(ptrs) == 2  # two buffers take turns
+        assert job.center is not None and job.center.dtype == torch.float32 and bool((job.center == 9.0).all())
+        assert a.data_exchanges == 10
+
+
+def test_the_reference_is_sent_while_the_round_is_saved_and_used_only_after_commit(
+    server: CoordinatorServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from coordinator import metrics, round_state
+
+    saving, release = threading.Event(), threading.Event()
+    real_save = round_state.save_round_state
+
+    def slow_save(path: Path, state: round_state.RoundState) -> None:
+        saving.set()
+        assert release.wait(30), "the test never released the write"
+        real_save(path, state)
+
+    monkeypatch.setattr(round_state, "save_round_state", slow_save)
+    down = metrics.EXCHANGE_BYTES.labels("down")
+    with members(server, 1) as (_job, (a,)):
+        before = down._value.get()
+        result: list[Any] = []
+        thread = threading.Thread(target=lambda: result.append(a.exchange(0, torch.full((SIZE,), 3.0), STATS)))
+        thread.start()
+        assert saving.wait(30)
+        deadline = threading.Event()
+        for _ in range(300):  # the reference's bytes leave while the round state is still being written
+            if down._value.get() >= before + SIZE * 4:
+                break
+            deadline.wait(0.1)
+        assert down._value.get() >= before + SIZE * 4
+        thread.join(0.5)
+        assert thread.is_alive() and not result  # not usable before COMMIT
+        release.set()
+        thread.join(30)
+        assert result and torch.equal(result[0].reference, torch.full((SIZE,), 3.0))
+        assert a.data_exchanges == 1
+
+
+def test_a_job_that_ends_while_its_round_is_saved_answers_error_instead_of_commit(
+    server: CoordinatorServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from coordinator import round_state
+
+    saving, release = threading.Event(), threading.Event()
+    real_save = round_state.save_round_state
+
+    def slow_save(path: Path, state: round_state.RoundState) -> None:
+        saving.set()
+        release.wait(30)
+        real_save(path, state)
+
+    monkeypatch.setattr(round_state, "save_round_state", slow_save)
+    try:
+        with members(server, 1) as (job, (a,)):
+            errors: list[BaseException] = []
+
+            def exchange() -> None:
+                try:
+                    a.exchange(0, torch.full((SIZE,), 3.0), STATS)
+                except BaseException as err:
+                    errors.append(err)
+
+            thread = threading.Thread(target=exchange)
+            thread.start()
+            assert saving.wait(30)
+            server.manager.cancel(job.job_id)
+            thread.join(30)
+            assert not thread.is_alive()
+            assert len(errors) == 1 and isinstance(errors[0], CoordinatorError), errors
+            assert "cancelled" in str(errors[0])
+    finally:
+        release.set()
+
+
 def test_fp16_on_the_wire(server: CoordinatorServer, tmp_path: Path) -> None:
     job = server.manager.job(server.manager.submit(small_spec(replicas=1, runtime={"compression": "fp16"})))
     with GrpcTransport(server.address, TOKEN, job_id=job.job_id, timeout_s=30) as t:

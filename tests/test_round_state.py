@@ -5,6 +5,7 @@ round's reply runs it again and gets the saved center, a lost round line is logg
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,34 @@ def test_round_state_round_trips_and_a_torn_file_is_ignored(tmp_path: Path) -> N
     assert [p.name for p in tmp_path.iterdir()] == [FILE]  # no temporary left behind
     path.write_bytes(path.read_bytes()[:40])  # what a non-atomic writer could leave
     assert load_round_state(path) is None  # then the job resumes from its checkpoint
+
+
+def test_saves_reuse_the_previous_files_and_a_crash_at_any_step_leaves_a_whole_state(tmp_path: Path) -> None:
+    path = tmp_path / FILE
+    spare, old = tmp_path / f".{FILE}.spare", tmp_path / f".{FILE}.old"
+    for k, (n, dtype) in enumerate([(1000, torch.float32), (10, torch.float32), (700, torch.bfloat16)] * 2):
+        center = torch.arange(float(n)).to(dtype) + k
+        model = torch.full((n,), float(k), dtype=dtype)
+        save_round_state(path, RoundState(k, center, model, k - 1, float(k), 64, {"round": k}))
+        back = load_round_state(path)
+        assert back is not None and back.round == k and back.round_event == {"round": k}
+        assert back.center.dtype == dtype and torch.equal(back.center, center) and torch.equal(back.model, model)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([FILE, spare.name])  # one spare, no leftovers
+    spare.write_bytes(b"torn: the spare was being rewritten when the coordinator died")
+    assert load_round_state(path) is not None and load_round_state(path).round == 5  # type: ignore[union-attr]
+    os.link(path, old)  # died between naming the current state twice and the rename
+    save_round_state(path, RoundState(6, torch.ones(3), torch.ones(3), 5, 6.0, 64, None))
+    assert load_round_state(path).round == 6  # type: ignore[union-attr]
+    assert not old.exists()
+
+
+def test_a_model_that_is_still_the_center_is_written_once_and_read_back_as_its_own_tensor(tmp_path: Path) -> None:
+    path, center = tmp_path / FILE, torch.arange(1000.0)
+    save_round_state(path, RoundState(2, center, center, -1, 1.0, 8, None))
+    assert path.stat().st_size < 2 * center.numel() * 4  # one copy of the bytes, not two
+    back = load_round_state(path)
+    assert back is not None and torch.equal(back.center, center) and torch.equal(back.model, center)
+    assert back.model.data_ptr() != back.center.data_ptr()  # as before: restored separately
 
 
 def run_round(job: Job, a: InProcessTransport, b: InProcessTransport, k: int, uploads: bool = True) -> None:

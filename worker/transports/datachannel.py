@@ -4,7 +4,9 @@ coordinator/datachannel.py): one authenticated socket per membership that carrie
 The upload is sent with ``sendall`` from the tensor's own memory (a CPU float32 tensor is not copied;
 a GPU tensor is copied once into a pinned host buffer with a non-blocking transfer, narrowed on the GPU
 first when the job compresses), and the reference is received with ``recv_into`` into the tensor that is
-returned (for a GPU worker: into a pinned buffer, then moved to the device without blocking).
+returned (for a GPU worker: into a pinned buffer, then moved to the device without blocking). A CPU
+worker's reference lands in memory an earlier reply used once nothing refers to that reply any more
+(protos/buffers.py): no page faults, and no tensor the caller still holds ever changes.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from torch import Tensor
 
 from protos import frames
 from protos import parle_pb2 as pb
-from protos.codec import MAX_CHUNK_BYTES, CodecError, check_headers, to_proto_dtype, wire_view
+from protos.buffers import ReusableBuffers, narrowed_wire_view
+from protos.codec import MAX_CHUNK_BYTES, CodecError, check_headers, to_proto_dtype
 from protos.messages import CoordinatorError
 
 _NARROWED = {pb.COMPRESSION_FP16: torch.float16, pb.COMPRESSION_BF16: torch.bfloat16}
@@ -45,6 +48,9 @@ class DataChannel:
         self._pinned_up: Tensor | None = None  # GPU workers: host staging buffers, allocated once
         self._pinned_down: Tensor | None = None
         self._down_done: torch.cuda.Event | None = None
+        self._down = ReusableBuffers(keep=2)  # CPU workers: the loop holds the last reply until the next
+        self._widened = ReusableBuffers(keep=2)  # the same, for a compressed reference widened to its dtype
+        self._narrowed = ReusableBuffers(keep=2)  # a compressed upload's wire values
 
     @classmethod
     def connect(
@@ -94,8 +100,9 @@ class DataChannel:
         self, upload: pb.ExchangeUpload, mu: Tensor, compression: pb.Compression, timeout_s: float
     ) -> tuple[pb.ExchangeDownload, Tensor]:
         """One round: ``upload`` (its tensors are filled in here) with ``mu``'s bytes, then the coordinator's
-        ExchangeDownload and the reference. Raises ``Unsent`` when the connection failed before GO,
-        ``CoordinatorError`` for the coordinator's refusals, ``ConnectionError`` after GO."""
+        ExchangeDownload and the reference, returned once COMMIT said the round is saved. Raises ``Unsent``
+        when the connection failed before GO, ``CoordinatorError`` for the coordinator's refusals,
+        ``ConnectionError`` after GO."""
         header, view = self._wire(mu, compression)
         del upload.tensors[:]
         upload.tensors.append(header)
@@ -113,11 +120,15 @@ class DataChannel:
         if kind == frames.ERROR:
             raise CoordinatorError(*frames.parse_error(body))
         down = pb.ExchangeDownload.FromString(body)
-        return down, self._receive_reference(down.tensors)
+        reference = self._receive_reference(down.tensors)
+        kind, body = frames.recv_frame(sock, (frames.COMMIT,))  # the round is saved: the reference may be used
+        if kind == frames.ERROR:
+            raise CoordinatorError(*frames.parse_error(body))
+        return down, reference
 
     def _wire(self, mu: Tensor, compression: pb.Compression) -> tuple[pb.TensorHeader, np.ndarray]:
         if mu.device.type != "cuda":
-            return wire_view("mu", mu, compression)
+            return narrowed_wire_view("mu", mu, compression, self._narrowed)
         narrow = _NARROWED.get(compression) if mu.dtype in (torch.float32, torch.float64) else None
         wire = mu.detach().reshape(-1)
         if narrow is not None:
@@ -155,14 +166,16 @@ class DataChannel:
                 self._pinned_down = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
             raw = self._pinned_down[:nbytes]
         else:
-            raw = torch.empty(nbytes, dtype=torch.uint8)
+            raw = self._down.take(nbytes, torch.uint8)  # memory the previous-but-one reply let go of, if any
         frames.recv_exactly(self.sock, raw.numpy().data)
         out = raw.view(wire_dtype).view(shape)
         if cuda:
             out = out.to(self.device, non_blocking=True)
             self._down_done = torch.cuda.Event()
             self._down_done.record()
-        return out if out.dtype == dtype else out.to(dtype)
+        if out.dtype == dtype:
+            return out
+        return out.to(dtype) if cuda else self._widened.converted(out, dtype)  # compressed: widened
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
