@@ -229,7 +229,7 @@ def test_references_a_caller_keeps_never_change_and_memory_it_let_go_of_is_reuse
 def test_the_reference_is_sent_while_the_round_is_saved_and_used_only_after_commit(
     server: CoordinatorServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from coordinator import metrics, round_state
+    from coordinator import job_files, metrics, round_state
 
     saving, release = threading.Event(), threading.Event()
     real_save = round_state.save_round_state
@@ -239,7 +239,7 @@ def test_the_reference_is_sent_while_the_round_is_saved_and_used_only_after_comm
         assert release.wait(30), "the test never released the write"
         real_save(path, state)
 
-    monkeypatch.setattr(round_state, "save_round_state", slow_save)
+    monkeypatch.setattr(job_files, "save_round_state", slow_save)  # what the job's writer calls
     down = metrics.EXCHANGE_BYTES.labels("down")
     with members(server, 1) as (_job, (a,)):
         before = down._value.get()
@@ -264,7 +264,7 @@ def test_the_reference_is_sent_while_the_round_is_saved_and_used_only_after_comm
 def test_a_job_that_ends_while_its_round_is_saved_answers_error_instead_of_commit(
     server: CoordinatorServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from coordinator import round_state
+    from coordinator import job_files, round_state
 
     saving, release = threading.Event(), threading.Event()
     real_save = round_state.save_round_state
@@ -274,7 +274,7 @@ def test_a_job_that_ends_while_its_round_is_saved_answers_error_instead_of_commi
         release.wait(30)
         real_save(path, state)
 
-    monkeypatch.setattr(round_state, "save_round_state", slow_save)
+    monkeypatch.setattr(job_files, "save_round_state", slow_save)  # what the job's writer calls
     try:
         with members(server, 1) as (job, (a,)):
             errors: list[BaseException] = []
