@@ -1,7 +1,7 @@
 """Langevin noise from ``worker.noise.NoiseStream``: N(0, I) (moments, tails and a Kolmogorov-Smirnov
 statistic on millions of draws, with checks shown to reject slightly wrong samples), the kernel's bits
-equal to SplitMix64's and to its numpy reference's, reproducible from the seed whatever the thread count,
-checkpointable mid-stream (what was drawn ahead is thrown away on restore), and a run resumed from a
+equal to SplitMix64's and to its numpy reference's (any slice of pairs on its own too), reproducible from
+the seed, checkpointable mid-stream, and a run resumed from a
 checkpoint with the counter-based noise path on ends bit-identical to the uninterrupted one."""
 
 from __future__ import annotations
@@ -15,16 +15,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import worker.noise as noise
 import worker.normal_kernel as normal_kernel
 from cluster.local import run_local
 from protos.spec import resolve
 from worker.kernels import ChainHyper, langevin_step_
 from worker.loop import ReplicaRng
-from worker.noise import CHUNK, NoiseStream, normal_like
+from worker.noise import SMALL, NoiseStream, normal_like
 from worker.normal_kernel import fill_normal, fill_reference
 
-BIG = 3 * CHUNK + 12_345  # more than one slice per pool thread, odd
+BIG = 3 * SMALL + 12_345  # the counter-based path; odd
 
 
 def _draws(stream: NoiseStream, n: int, count: int) -> list[torch.Tensor]:
@@ -40,8 +39,8 @@ def test_draws_are_standard_normal_and_change_every_step() -> None:
     assert abs(float(both.mean())) < 0.01 and abs(float(both.std()) - 1) < 0.01
     assert abs(float((both**4).mean()) - 3) < 0.05  # the normal's kurtosis, not a uniform's or a sum's
     assert float(torch.corrcoef(torch.stack([first, second]))[0, 1]) == pytest.approx(0, abs=0.01)
-    chunks = first[: 3 * CHUNK].view(3, CHUNK)
-    assert float(torch.corrcoef(chunks).triu(1).abs().max()) < 0.01  # slices of a buffer are independent
+    parts = first[: 3 * SMALL].view(3, SMALL)
+    assert float(torch.corrcoef(parts).triu(1).abs().max()) < 0.01  # parts of a buffer are independent
 
 
 def normality_failures(sample: torch.Tensor) -> list[str]:
@@ -121,7 +120,7 @@ def test_kernel_and_numpy_reference_give_the_same_bits(n: int) -> None:
         fill_normal(fast, key, first)
         fill_reference(reference, key, first)
         assert np.array_equal(fast.view(np.uint32), reference.view(np.uint32))
-        if n > 2:  # any slice of whole pairs on its own: what one pool thread fills
+        if n > 2:  # any slice of whole pairs on its own
             part = np.empty(n - 2, dtype=np.float32)
             fill_normal(part, key, first + 1)
             assert np.array_equal(part.view(np.uint32), fast[2:].view(np.uint32))
@@ -144,22 +143,29 @@ def test_fill_normal_rejects_what_it_cannot_fill() -> None:
             fill_normal(bad, 0, 0)
 
 
-def test_same_seed_same_noise_whatever_the_thread_count(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_same_seed_same_noise_and_a_draw_is_the_streams_next_outputs() -> None:
     reference = _draws(NoiseStream().manual_seed(3), BIG, 3)
-    for threads in (1, 3):
-        monkeypatch.setattr(noise, "pool_threads", lambda t=threads: t)
-        again = _draws(NoiseStream().manual_seed(3), BIG, 3)
-        assert all(torch.equal(a, b) for a, b in zip(reference, again, strict=True))
+    again = _draws(NoiseStream().manual_seed(3), BIG, 3)
+    assert all(torch.equal(a, b) for a, b in zip(reference, again, strict=True))
+    stream = NoiseStream().manual_seed(3)
+    _draws(stream, BIG, 1)
+    state = stream.stream_state()
+    assert state is not None
+    whole = np.empty(3 * (BIG + 1), dtype=np.float32)  # three draws of BIG (odd): each drops its last sine
+    fill_normal(whole, int(state[0, 0]), 0)
+    for k in range(3):
+        start = k * (BIG + 1)
+        assert np.array_equal(reference[k].numpy(), whole[start : start + BIG])
     other = _draws(NoiseStream().manual_seed(4), BIG, 1)
     assert not torch.equal(reference[0], other[0])
 
 
 def test_restored_state_continues_the_stream_exactly() -> None:
     stream = NoiseStream().manual_seed(7)
-    _draws(stream, BIG, 2)  # one more is already being drawn ahead
+    _draws(stream, BIG, 2)
     root, chunks = stream.get_state(), stream.stream_state()
     assert chunks is not None and chunks.dtype == torch.int64 and chunks.shape == (1, 2)
-    assert int(chunks[0, 1]) == 2 * ((BIG + 1) // 2)  # two draws handed out, not the one drawn ahead
+    assert int(chunks[0, 1]) == 2 * ((BIG + 1) // 2)  # two draws of ceil(BIG / 2) pairs
     expected = _draws(stream, BIG, 3)
 
     resumed = NoiseStream().manual_seed(99)
@@ -167,7 +173,7 @@ def test_restored_state_continues_the_stream_exactly() -> None:
     resumed.load_stream_state(chunks)
     assert all(torch.equal(a, b) for a, b in zip(expected, _draws(resumed, BIG, 3), strict=True))
 
-    stream.load_stream_state(chunks)  # the same stream rolled back, its draw ahead thrown away
+    stream.load_stream_state(chunks)  # the same stream rolled back
     assert all(torch.equal(a, b) for a, b in zip(expected, _draws(stream, BIG, 3), strict=True))
 
 
@@ -197,7 +203,7 @@ def test_no_chunk_state_means_seeded_afresh_from_the_generator() -> None:
 
 
 def test_small_and_non_float32_buffers_draw_like_torch_randn() -> None:
-    for like in (torch.empty(1000), torch.empty(CHUNK), torch.empty(BIG, dtype=torch.float64)):
+    for like in (torch.empty(1000), torch.empty(SMALL), torch.empty(BIG, dtype=torch.float64)):
         ours = normal_like(like, NoiseStream().manual_seed(11))
         theirs = torch.randn(like.shape, dtype=like.dtype, generator=torch.Generator().manual_seed(11))
         assert torch.equal(ours, theirs)
