@@ -3,8 +3,8 @@
 Both run on the same model and batch in the same process, interleaved in blocks so drift in machine
 load hits both alike; the figure is the ratio of medians. Targets: at most 1.10x without noise (issue 2),
 at most 1.15x with Langevin noise (issue 11). The noise is drawn twice over: by a plain ``torch.Generator``
-(``torch.randn``, single-threaded on CPU) and by ``worker.noise.NoiseStream`` (a counter-based stream filled
-in parallel slices, drawn one step ahead: what the worker uses).
+(``torch.randn``, single-threaded on CPU) and by ``worker.noise.NoiseStream`` (a counter-based stream, one
+vectorised numba kernel on the step's thread: what the worker uses).
 
     python -m bench.inner_step [--models lenet mnistfc] [--device cpu] [--blocks 15] [--steps 10]
 """

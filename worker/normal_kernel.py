@@ -21,12 +21,15 @@ on any machine.
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 from collections.abc import Callable
 from typing import Any, no_type_check
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 GAMMA = np.uint64(0x9E3779B97F4A7C15)  # SplitMix64's increment (2^64 / golden ratio, odd)
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -111,7 +114,8 @@ def _compile() -> Callable[..., None] | None:
         from llvmlite import ir
         from numba import types
         from numba.extending import intrinsic
-    except ImportError:  # numba is a dependency; without it the reference gives the same numbers, slower
+    except ImportError as e:  # numba is a dependency; without it the reference gives the same numbers, slower
+        log.warning("numba is not importable (%s): Langevin noise falls back to numpy, about 15x slower", e)
         return None
 
     @intrinsic
