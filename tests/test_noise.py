@@ -21,7 +21,7 @@ from protos.spec import resolve
 from worker.kernels import ChainHyper, langevin_step_
 from worker.loop import ReplicaRng
 from worker.noise import SMALL, NoiseStream, normal_like
-from worker.normal_kernel import fill_normal, fill_reference
+from worker.normal_kernel import add_normal, fill_normal, fill_reference
 
 BIG = 3 * SMALL + 12_345  # the counter-based path; odd
 
@@ -120,6 +120,10 @@ def test_kernel_and_numpy_reference_give_the_same_bits(n: int) -> None:
         fill_normal(fast, key, first)
         fill_reference(reference, key, first)
         assert np.array_equal(fast.view(np.uint32), reference.view(np.uint32))
+        y = np.linspace(-1, 1, n, dtype=np.float32)
+        expected = y + np.float32(0.25) * reference  # float32 multiply, then float32 add
+        add_normal(y, 0.25, key, first)
+        assert np.array_equal(y.view(np.uint32), expected.view(np.uint32))
         if n > 2:  # any slice of whole pairs on its own
             part = np.empty(n - 2, dtype=np.float32)
             fill_normal(part, key, first + 1)
@@ -135,6 +139,9 @@ def test_without_numba_the_numpy_reference_fills_the_same_bits(monkeypatch: pyte
     slow = np.empty(n, dtype=np.float32)
     fill_normal(slow, 99, 5)
     assert np.array_equal(fast.view(np.uint32), slow.view(np.uint32))
+    y = np.ones(n, dtype=np.float32)
+    add_normal(y, 0.5, 99, 5)
+    assert np.array_equal(y.view(np.uint32), (np.float32(1) + np.float32(0.5) * fast).view(np.uint32))
 
 
 def test_fill_normal_rejects_what_it_cannot_fill() -> None:
@@ -211,6 +218,22 @@ def test_small_and_non_float32_buffers_draw_like_torch_randn() -> None:
     global_draw = normal_like(torch.empty(10), None)
     torch.manual_seed(2)
     assert torch.equal(global_draw, torch.randn(10))
+
+
+def test_add_normal_adds_what_normal_would_draw_in_one_pass() -> None:
+    y0 = torch.linspace(-3, 3, BIG)
+    y, fused = y0.clone(), NoiseStream().manual_seed(6)
+    fused.add_normal_(y, 0.3)
+    fused.add_normal_(y, 0.3)
+    plain = NoiseStream().manual_seed(6)
+    expected = y0.numpy().copy()
+    for _ in range(2):
+        expected = expected + np.float32(0.3) * plain.normal(y0).numpy()
+    assert np.array_equal(y.numpy().view(np.uint32), expected.view(np.uint32))
+    assert torch.equal(fused.stream_state(), plain.stream_state())
+    small = torch.zeros(1000)  # below the counter-based path: torch.randn, then add_
+    NoiseStream().manual_seed(2).add_normal_(small, 0.5)
+    assert torch.equal(small, 0.5 * torch.randn(1000, generator=torch.Generator().manual_seed(2)))
 
 
 def test_langevin_step_adds_the_streams_noise() -> None:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from worker.normal_kernel import fill_normal
+from worker.normal_kernel import add_normal, fill_normal
 
 SMALL = 1 << 18  # buffers of more elements take the counter-based path (below, torch.randn costs little)
 _STATE_WORDS = 2  # key, outputs used (one row)
@@ -52,16 +52,29 @@ class NoiseStream(torch.Generator):
     def normal(self, like: Tensor) -> Tensor:
         """N(0, I) with ``like``'s shape, dtype and device."""
         numel = like.numel()
-        if like.device.type != "cpu" or like.dtype != torch.float32 or numel <= SMALL:
+        if not _counter_path(like):
             return torch.randn(like.shape, dtype=like.dtype, device=like.device, generator=self)
         if self._buffer is None or self._buffer.numel() != numel:
             self._buffer = torch.empty(numel)
+        fill_normal(self._buffer.numpy(), self._next_key(), self._used)
+        self._used += outputs_used(numel)
+        return self._buffer.view(like.shape)
+
+    def add_normal_(self, y: Tensor, alpha: float) -> None:
+        """``y += alpha * N(0, I)``, the noise being what ``normal(y)`` would return. On the counter-based
+        path, one pass over ``y`` (draw and update fused, no buffer); ``alpha`` is rounded to float32 as
+        ``Tensor.add_`` rounds it."""
+        if not (_counter_path(y) and y.is_contiguous()):
+            y.add_(self.normal(y), alpha=alpha)
+            return
+        add_normal(y.detach().view(-1).numpy(), alpha, self._next_key(), self._used)
+        self._used += outputs_used(y.numel())
+
+    def _next_key(self) -> int:
         if self._key is None:  # keyed from this generator, so manual_seed decides the stream
             hi, lo = (int(v) for v in torch.randint(0, 2**32, (2,), generator=self, dtype=torch.int64))
             self._key = (hi << 32) | lo
-        fill_normal(self._buffer.numpy(), self._key, self._used)
-        self._used += outputs_used(numel)
-        return self._buffer.view(like.shape)
+        return self._key
 
     def stream_state(self) -> Tensor | None:
         """``[[key, outputs used]]`` (int64; the key's 64 bits as a signed number); None before the first
@@ -86,6 +99,10 @@ class NoiseStream(torch.Generator):
             self._key, self._used = int(state[0, 0]) & (2**64 - 1), int(state[0, 1])
 
 
+def _counter_path(like: Tensor) -> bool:
+    return like.device.type == "cpu" and like.dtype == torch.float32 and like.numel() > SMALL
+
+
 def _signed(value: int) -> int:
     return value - 2**64 if value >= 2**63 else value
 
@@ -96,3 +113,11 @@ def normal_like(like: Tensor, generator: torch.Generator | None) -> Tensor:
     if isinstance(generator, NoiseStream):
         return generator.normal(like)
     return torch.randn(like.shape, dtype=like.dtype, device=like.device, generator=generator)
+
+
+def add_normal_(y: Tensor, alpha: float, generator: torch.Generator | None) -> None:
+    """``y += alpha * normal_like(y, generator)``; a ``NoiseStream`` on CPU does it in one fused pass."""
+    if isinstance(generator, NoiseStream):
+        generator.add_normal_(y, alpha)
+    else:
+        y.add_(normal_like(y, generator), alpha=alpha)

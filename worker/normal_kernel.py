@@ -25,7 +25,7 @@ import logging
 import math
 import threading
 from collections.abc import Callable
-from typing import Any, no_type_check
+from typing import Any, NamedTuple, no_type_check
 
 import numpy as np
 
@@ -59,6 +59,7 @@ _C0, _C1, _C2 = _F(2.443315711809948e-5), _F(-1.388731625493765e-3), _F(4.166664
 _HALF, _ONE, _MINUS_TWO = _F(0.5), _F(1.0), _F(-2.0)
 _UNIT24 = _F(2.0**-24)
 _ANGLE_STEP = _F(math.pi / 2 * 2.0**-22)  # phi = (s + 1/2) * step, s in [-2^21, 2^21)
+_BLOCK = 1 << 17  # elements the numpy reference handles at a time (even: blocks start on a pair)
 
 
 def fill_reference(out: np.ndarray, key: int, first: int) -> None:
@@ -107,8 +108,13 @@ def fill_reference(out: np.ndarray, key: int, first: int) -> None:
     out[:] = pair.reshape(-1)[:n]
 
 
-def _compile() -> Callable[..., None] | None:
-    """The numba kernel, compiled at its first call (about half a second); None without numba."""
+class _Kernels(NamedTuple):
+    fill: Callable[..., None]
+    add: Callable[..., None]
+
+
+def _compile() -> _Kernels | None:
+    """The numba kernels, compiled at their first call (about half a second each); None without numba."""
     try:
         import numba
         from llvmlite import ir
@@ -133,68 +139,85 @@ def _compile() -> Callable[..., None] | None:
         return types.float32(types.uint32), codegen
 
     # fastmath off: no reassociation, no fused multiply-add, so every step rounds as the reference's does.
+    @numba.njit(inline="always", fastmath=False, error_model="numpy", cache=False)
+    @no_type_check
+    def _pair(key, index):
+        """The pair made from the stream's output ``index`` (>= 1)."""
+        z = key + index * GAMMA
+        z = (z ^ (z >> np.uint64(30))) * _MIX1
+        z = (z ^ (z >> np.uint64(27))) * _MIX2
+        z = z ^ (z >> np.uint64(31))
+        u = _F(np.uint32(z >> np.uint64(40)) + np.uint32(1)) * _UNIT24
+        bits = _bits(u)
+        e = np.int32(bits >> np.uint32(23)) - np.int32(126)
+        m = _float((bits & np.uint32(0x007FFFFF)) | np.uint32(0x3F000000))
+        small = m < _SQRT_HALF
+        e = e - np.int32(small)
+        x = (m + m if small else m) - _ONE
+        xx = x * x
+        y = _P0 * x
+        y = (y + _P1) * x
+        y = (y + _P2) * x
+        y = (y + _P3) * x
+        y = (y + _P4) * x
+        y = (y + _P5) * x
+        y = (y + _P6) * x
+        y = (y + _P7) * x
+        y = (y + _P8) * x
+        y = y * xx
+        fe = _F(e)
+        y = y + _LN2_LO * fe
+        y = y - _HALF * xx
+        ln_u = x + y
+        ln_u = ln_u + _LN2_HI * fe
+        r = np.sqrt(_MINUS_TWO * ln_u)
+        a = np.uint32(z & np.uint64(0xFFFFFFFF)) >> np.uint32(8)
+        q = a >> np.uint32(22)
+        phi = (_F(np.int32(a & np.uint32(0x3FFFFF)) - np.int32(0x200000)) + _HALF) * _ANGLE_STEP
+        pp = phi * phi
+        s = _S0 * pp
+        s = (s + _S1) * pp
+        s = (s + _S2) * pp
+        s = s * phi + phi
+        c = _C0 * pp
+        c = (c + _C1) * pp
+        c = (c + _C2) * pp
+        c = c * pp
+        c = c - _HALF * pp
+        c = c + _ONE
+        swap = (q & np.uint32(1)) != 0
+        cos_sign = ((q ^ (q >> np.uint32(1))) & np.uint32(1)) << np.uint32(31)
+        sin_sign = (q >> np.uint32(1)) << np.uint32(31)
+        return _float(_bits(r * (s if swap else c)) ^ cos_sign), _float(_bits(r * (c if swap else s)) ^ sin_sign)
+
     @numba.njit(nogil=True, fastmath=False, error_model="numpy", boundscheck=False, cache=False)
     @no_type_check
-    def _fill_pairs(out, key, first, start, stop):
+    def fill_pairs(out, key, first, start, stop):
         """Whole pairs j in [start, stop): out[2j], out[2j + 1] from output first + j + 1."""
         for j in range(start, stop):
-            z = key + (first + np.uint64(j) + np.uint64(1)) * GAMMA
-            z = (z ^ (z >> np.uint64(30))) * _MIX1
-            z = (z ^ (z >> np.uint64(27))) * _MIX2
-            z = z ^ (z >> np.uint64(31))
-            u = _F(np.uint32(z >> np.uint64(40)) + np.uint32(1)) * _UNIT24
-            bits = _bits(u)
-            e = np.int32(bits >> np.uint32(23)) - np.int32(126)
-            m = _float((bits & np.uint32(0x007FFFFF)) | np.uint32(0x3F000000))
-            small = m < _SQRT_HALF
-            e = e - np.int32(small)
-            x = (m + m if small else m) - _ONE
-            xx = x * x
-            y = _P0 * x
-            y = (y + _P1) * x
-            y = (y + _P2) * x
-            y = (y + _P3) * x
-            y = (y + _P4) * x
-            y = (y + _P5) * x
-            y = (y + _P6) * x
-            y = (y + _P7) * x
-            y = (y + _P8) * x
-            y = y * xx
-            fe = _F(e)
-            y = y + _LN2_LO * fe
-            y = y - _HALF * xx
-            ln_u = x + y
-            ln_u = ln_u + _LN2_HI * fe
-            r = np.sqrt(_MINUS_TWO * ln_u)
-            a = np.uint32(z & np.uint64(0xFFFFFFFF)) >> np.uint32(8)
-            q = a >> np.uint32(22)
-            phi = (_F(np.int32(a & np.uint32(0x3FFFFF)) - np.int32(0x200000)) + _HALF) * _ANGLE_STEP
-            pp = phi * phi
-            s = _S0 * pp
-            s = (s + _S1) * pp
-            s = (s + _S2) * pp
-            s = s * phi + phi
-            c = _C0 * pp
-            c = (c + _C1) * pp
-            c = (c + _C2) * pp
-            c = c * pp
-            c = c - _HALF * pp
-            c = c + _ONE
-            swap = (q & np.uint32(1)) != 0
-            cos_sign = ((q ^ (q >> np.uint32(1))) & np.uint32(1)) << np.uint32(31)
-            sin_sign = (q >> np.uint32(1)) << np.uint32(31)
+            cos_part, sin_part = _pair(key, first + np.uint64(j) + np.uint64(1))
             i = np.uint64(2 * j)  # an unsigned index: no negative-index wraparound, so LLVM vectorises
-            out[i] = _float(_bits(r * (s if swap else c)) ^ cos_sign)
-            out[i + np.uint64(1)] = _float(_bits(r * (c if swap else s)) ^ sin_sign)
+            out[i] = cos_part
+            out[i + np.uint64(1)] = sin_part
 
-    return _fill_pairs
+    @numba.njit(nogil=True, fastmath=False, error_model="numpy", boundscheck=False, cache=False)
+    @no_type_check
+    def add_pairs(out, key, first, start, stop, alpha):
+        """As ``fill_pairs``, adding ``alpha`` times the pair (a multiply, then an add) to ``out``."""
+        for j in range(start, stop):
+            cos_part, sin_part = _pair(key, first + np.uint64(j) + np.uint64(1))
+            i = np.uint64(2 * j)
+            out[i] = out[i] + alpha * cos_part
+            out[i + np.uint64(1)] = out[i + np.uint64(1)] + alpha * sin_part
+
+    return _Kernels(fill_pairs, add_pairs)
 
 
-_kernels: list[Callable[..., None] | None] = []  # [] until the first fill: importing numba takes a while
+_kernels: list[_Kernels | None] = []  # [] until the first fill: importing numba takes a while
 _kernels_lock = threading.Lock()
 
 
-def _kernel() -> Callable[..., None] | None:
+def _kernel() -> _Kernels | None:
     with _kernels_lock:
         if not _kernels:
             _kernels.append(_compile())
@@ -206,21 +229,47 @@ def fast() -> bool:
     return _kernel() is not None
 
 
+def _check(out: np.ndarray, what: str) -> None:
+    if out.dtype != np.float32 or out.ndim != 1 or not out.flags.c_contiguous:
+        raise ValueError(f"{what}: needs a contiguous float32 vector, got {out.dtype} {out.shape}")
+
+
 def fill_normal(out: np.ndarray, key: int, first: int) -> None:
     """Fill contiguous float32 ``out`` with N(0, 1): pairs from outputs ``first + 1, first + 2, ...`` of
     the SplitMix64 stream ``key`` (ceil(len/2) of them; an odd length drops the last pair's sine).
     Releases the GIL (numba), so threads can fill disjoint slices, each with its own ``first``."""
-    if out.dtype != np.float32 or out.ndim != 1 or not out.flags.c_contiguous:
-        raise ValueError(f"fill_normal: needs a contiguous float32 vector, got {out.dtype} {out.shape}")
-    kernel = _kernel()
-    if kernel is None:
-        for start in range(0, out.shape[0], 1 << 17):  # blocks bound the reference's temporaries
-            fill_reference(out[start : start + (1 << 17)], key, first + start // 2)
+    _check(out, "fill_normal")
+    kernels = _kernel()
+    if kernels is None:
+        for start in range(0, out.shape[0], _BLOCK):  # blocks bound the reference's temporaries
+            fill_reference(out[start : start + _BLOCK], key, first + start // 2)
         return
     n = out.shape[0]
     k, f = np.uint64(key & (2**64 - 1)), np.uint64(first & (2**64 - 1))
-    kernel(out, k, f, 0, n // 2)
+    kernels.fill(out, k, f, 0, n // 2)
     if n % 2:
         last = np.empty(2, dtype=np.float32)
-        kernel(last, k, f + np.uint64(n // 2), 0, 1)
+        kernels.fill(last, k, f + np.uint64(n // 2), 0, 1)
         out[n - 1] = last[0]
+
+
+def add_normal(out: np.ndarray, alpha: float, key: int, first: int) -> None:
+    """``out += float32(alpha) * z`` (a multiply, then an add, each rounded to float32), ``z`` what
+    ``fill_normal(z, key, first)`` would write: the draw and the update in one pass, no buffer."""
+    _check(out, "add_normal")
+    a = np.float32(alpha)
+    kernels = _kernel()
+    if kernels is None:
+        z = np.empty(min(out.shape[0], _BLOCK), dtype=np.float32)
+        for start in range(0, out.shape[0], _BLOCK):
+            part = out[start : start + _BLOCK]
+            fill_reference(z[: part.shape[0]], key, first + start // 2)
+            part += a * z[: part.shape[0]]
+        return
+    n = out.shape[0]
+    k, f = np.uint64(key & (2**64 - 1)), np.uint64(first & (2**64 - 1))
+    kernels.add(out, k, f, 0, n // 2, a)
+    if n % 2:
+        last = np.empty(2, dtype=np.float32)
+        kernels.fill(last, k, f + np.uint64(n // 2), 0, 1)
+        out[n - 1] = out[n - 1] + a * last[0]
