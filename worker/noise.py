@@ -6,10 +6,13 @@ third of the step. On CPU, for float32 buffers of more than ``SMALL`` elements, 
 draws from a counter-based stream (``worker.normal_kernel``: SplitMix64 bits and a Box-Muller made of
 exact float32 steps, one vectorised pass compiled by numba): about 0.95 ns of CPU per element.
 
-The draw runs on the caller's thread, between the gradient and the update. Drawing in pool threads while
-the gradient is computed measured slower on a 2-vCPU machine (1.21x SGD's step vs 1.12x, mnistfc): with
-both cores in the gradient's OpenMP region, a thread beside it delays the whole region by more than the
-CPU time it takes (figures: bench/README.md, "Inner step with Langevin noise").
+The draw runs on the caller's thread, between the gradient and the update, and ``add_normal_`` fuses it
+with the update (``y += alpha * z`` in the same pass, no buffer). Drawing in pool threads while the
+gradient is computed measured slower on a 2-vCPU machine (1.21x SGD's step vs 1.12x, mnistfc): with both
+cores in the gradient's OpenMP region, a thread beside it delays the whole region by more than the CPU
+time it takes. With noise, mnistfc's inner step measured 1.07-1.16x SGD's (target 1.15x; 1.26-1.43x with
+the previous numpy SFC64 chunks): the step pays the draw's ~1.8 ms of CPU in full (bench/README.md,
+"Inner step with Langevin noise").
 
 Reproducible: the stream's key comes from this generator (``manual_seed``), and a draw of n numbers takes
 the stream's next ceil(n/2) outputs, so the k-th draw depends only on the seed and the sizes drawn before;
