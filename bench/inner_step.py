@@ -3,8 +3,8 @@
 Both run on the same model and batch in the same process, interleaved in blocks so drift in machine
 load hits both alike; the figure is the ratio of medians. Targets: at most 1.10x without noise (issue 2),
 at most 1.15x with Langevin noise (issue 11). The noise is drawn twice over: by a plain ``torch.Generator``
-(``torch.randn``, single-threaded on CPU: the "before" figure) and by ``worker.noise.NoiseStream`` (parallel
-chunks, drawn one step ahead: what the worker uses).
+(``torch.randn``, single-threaded on CPU) and by ``worker.noise.NoiseStream`` (a counter-based stream, one
+vectorised numba kernel on the step's thread: what the worker uses).
 
     python -m bench.inner_step [--models lenet mnistfc] [--device cpu] [--blocks 15] [--steps 10]
 """
@@ -16,7 +16,6 @@ import statistics
 import time
 from collections.abc import Callable
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -24,7 +23,8 @@ from torch import nn
 from protos.spec import ModelSpec
 from worker.flat import FlatParameters
 from worker.kernels import ChainHyper, langevin_step_
-from worker.noise import NoiseStream, box_muller_
+from worker.noise import NoiseStream
+from worker.normal_kernel import fill_normal, fill_reference
 from worker.workloads import build_model, count_parameters
 
 INPUT = {"lenet": (1, 28, 28), "mnistfc": (1, 28, 28), "allcnn": (3, 32, 32)}
@@ -106,15 +106,18 @@ def measure(name: str, device: torch.device, blocks: int, steps: int, batch: int
 
 
 def noise_cpu_cost(numel: int = 1 << 18, repeats: int = 31) -> dict[str, float]:
-    """CPU time per element (ns, one thread) of drawing N(0, 1): ``torch.randn`` with a generator vs one
-    ``NoiseStream`` chunk (SFC64 bits + vectorised Box-Muller). Thread CPU time, interleaved medians: it
-    barely moves with machine load, unlike wall-clock ratios."""
+    """CPU time per element (ns, one thread) of drawing N(0, 1): ``torch.randn`` with a generator vs
+    ``NoiseStream``'s kernel (SplitMix64 + Box-Muller, numba) and its numpy reference (the same bits, the
+    fallback without numba). Thread CPU time, interleaved medians: it barely moves with machine load,
+    unlike wall-clock ratios."""
     out = torch.empty(numel)
     gen = torch.Generator().manual_seed(0)
-    bits = np.random.SFC64(0)
+    array = out.numpy()
+    fill_normal(array, 0, 0)  # compiles the kernel
     draws: dict[str, Callable[[], object]] = {
         "torch.randn": lambda: torch.randn(numel, generator=gen, out=out),
-        "NoiseStream chunk": lambda: box_muller_(out.numpy(), bits),
+        "NoiseStream kernel": lambda: fill_normal(array, 1, 0),
+        "numpy reference": lambda: fill_reference(array, 1, 0),
     }
     times: dict[str, list[float]] = {k: [] for k in draws}
     for _ in range(repeats):

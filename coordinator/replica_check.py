@@ -63,7 +63,7 @@ def check_replica_state(
                     "INVALID_ARGUMENT",
                     f"{what}: {key} must be a uint8 vector (a generator state), got {value.dtype} {list(value.shape)}",
                 )
-    chunks = state.get("rng_noise_chunks")  # the noise's chunk generators: one int64 row each
+    chunks = state.get("rng_noise_chunks")  # the noise's counter-based stream: an int64 row [key, outputs used]
     if chunks is not None and (chunks.dtype != torch.int64 or chunks.dim() != 2):
         raise CoordinatorError(
             "INVALID_ARGUMENT",

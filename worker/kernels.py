@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from worker.noise import normal_like
+from worker.noise import add_normal_
 
 
 @dataclass(frozen=True)
@@ -88,8 +88,8 @@ def langevin_step_(
         g = momentum_(g, inner_buf, hp.inner_momentum, nesterov=True)
     y.sub_(g, alpha=hp.inner_lr)
     if hp.noise > 0.0:
-        eps = normal_like(y, generator)  # a NoiseStream draws in parallel chunks, ahead of time (CPU)
-        y.add_(eps, alpha=hp.noise * math.sqrt(2.0 * hp.inner_lr))
+        # A NoiseStream on CPU draws and adds in one pass (worker/noise.py); else torch.randn, then add_.
+        add_normal_(y, hp.noise * math.sqrt(2.0 * hp.inner_lr), generator)
     mu.lerp_(y, 1.0 - hp.beta1)
 
 

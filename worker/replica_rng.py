@@ -76,7 +76,7 @@ class ReplicaRng:
         out = {"rng_noise": self.noise.get_state(), "rng_global": self._cpu}
         if self._cuda is not None:
             out["rng_global_cuda"] = self._cuda
-        chunks = self.noise.stream_state()  # the noise's parallel chunk generators, once they exist
+        chunks = self.noise.stream_state()  # the noise's counter-based stream ([key, outputs used]), once it exists
         if chunks is not None:
             out["rng_noise_chunks"] = chunks
         return out
