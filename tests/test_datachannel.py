@@ -226,10 +226,9 @@ def test_references_a_caller_keeps_never_change_and_memory_it_let_go_of_is_reuse
         assert a.data_exchanges == 10
 
 
-def test_the_reference_is_sent_while_the_round_is_saved_and_used_only_after_commit(
-    server: CoordinatorServer, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from coordinator import job_files, metrics, round_state
+def hold_round_state_saves(monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, threading.Event]:
+    """Round-state writes (on the job's writer) wait for ``release``; ``saving`` is set when one starts."""
+    from coordinator import job_files, round_state
 
     saving, release = threading.Event(), threading.Event()
     real_save = round_state.save_round_state
@@ -239,7 +238,16 @@ def test_the_reference_is_sent_while_the_round_is_saved_and_used_only_after_comm
         assert release.wait(30), "the test never released the write"
         real_save(path, state)
 
-    monkeypatch.setattr(job_files, "save_round_state", slow_save)  # what the job's writer calls
+    monkeypatch.setattr(job_files, "save_round_state", slow_save)
+    return saving, release
+
+
+def test_the_reference_is_sent_while_the_round_is_saved_and_used_only_after_commit(
+    server: CoordinatorServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from coordinator import metrics
+
+    saving, release = hold_round_state_saves(monkeypatch)
     down = metrics.EXCHANGE_BYTES.labels("down")
     with members(server, 1) as (_job, (a,)):
         before = down._value.get()
@@ -264,17 +272,7 @@ def test_the_reference_is_sent_while_the_round_is_saved_and_used_only_after_comm
 def test_a_job_that_ends_while_its_round_is_saved_answers_error_instead_of_commit(
     server: CoordinatorServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from coordinator import job_files, round_state
-
-    saving, release = threading.Event(), threading.Event()
-    real_save = round_state.save_round_state
-
-    def slow_save(path: Path, state: round_state.RoundState) -> None:
-        saving.set()
-        release.wait(30)
-        real_save(path, state)
-
-    monkeypatch.setattr(job_files, "save_round_state", slow_save)  # what the job's writer calls
+    saving, release = hold_round_state_saves(monkeypatch)
     try:
         with members(server, 1) as (job, (a,)):
             errors: list[BaseException] = []
