@@ -14,6 +14,8 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import Tensor
 
+from coordinator.checkpoint import one_line
+
 log = logging.getLogger(__name__)
 
 
@@ -89,4 +91,4 @@ def save_tensors(path: Path, tensors: dict[str, Tensor]) -> None:
         tmp.replace(path)
     except (OSError, SafetensorError) as err:
         tmp.unlink(missing_ok=True)  # e.g. the disk is full: leave no half file behind
-        raise OSError(f"{path.name} not written ({' '.join(str(err).split())})") from err
+        raise OSError(f"{path.name} not written ({one_line(err)})") from err
