@@ -69,10 +69,10 @@ def recording(recorder: Recorder) -> Iterator[None]:
     original = Job.report
 
     def report(
-        self: Job, worker_id: str, round: int, mu: Tensor, stats: RoundStats, *, sq_norm: float | None = None
+        self: Job, worker_id: str, round: int, mu: Tensor, stats: RoundStats, **flags: bool
     ) -> ExchangeReply | None:
         recorder.report(round, stats)
-        return original(self, worker_id, round, mu, stats, sq_norm=sq_norm)
+        return original(self, worker_id, round, mu, stats, **flags)
 
     Job.report = report  # type: ignore[method-assign]
     try:

@@ -9,16 +9,18 @@ before that is read beyond one bounded HELLO frame, and a connection that has no
 What reaches the center: an upload's header is validated with the codec's rules (dtype, shape against
 the center, size against the in-flight budget) before the coordinator answers GO; its bytes are then read
 with ``recv_into`` straight into a pooled buffer, and each block is checked for NaN/Inf while it is in cache
-(the check is the float64 squared norm the consensus distance needs, so it costs one pass, not two). Only
-a complete, finite upload goes to ``Job.report``, which adds it to the float64 sum in one pass: a rejected
-upload, however late its bad value, never touches the center.
+(on the values' bits: coordinator/sum_kernels.py). Only a complete, finite upload goes to ``Job.report``,
+which adds it to the float64 sum in one pass: a rejected upload, however late its bad value, never touches
+the center.
 
 When rounds are saved (the service), the reply's bytes are sent while the round state is being written,
 and a COMMIT frame follows once it is on disk; the worker acts on the reference only after COMMIT.
 
-Memory: at most ``uploads_at_once`` receive buffers exist (each as large as the largest upload, reused);
-a worker waiting for its slot, or for the round to close, holds a socket and a thread, not a tensor. The
-reply is sent from the round's reference itself, with no copy (narrowed first when the job compresses).
+Memory: at most ``uploads_at_once`` uploads are read at once, into reused buffers (each as large as the
+largest upload; a round's first upload becomes its sum's start, or its mean when it stays the only one, and
+its buffer is reused once the round lets go of it); a worker waiting for its slot, or for the round to
+close, holds a socket and a thread, not a tensor. The reply is sent from the round's reference itself,
+with no copy (narrowed first when the job compresses).
 """
 
 from __future__ import annotations
@@ -27,7 +29,6 @@ import contextlib
 import hashlib
 import hmac
 import logging
-import math
 import secrets
 import socket
 import ssl
@@ -42,7 +43,7 @@ from google.protobuf.message import DecodeError
 
 from coordinator import metrics
 from coordinator.job import Job
-from coordinator.reference import SQ_NORM_BLOCK, block_squared_norms
+from coordinator.reference import count_nonfinite
 from coordinator.service import JobManager
 from protos import frames
 from protos import parle_pb2 as pb
@@ -60,6 +61,7 @@ HANDSHAKE_S = 10.0  # a connection must complete TLS and HELLO within this
 UPLOADS_AT_ONCE = 4  # receive buffers: uploads read at the same time (the rest wait, holding nothing)
 POLL_S = 0.5
 RECV_BYTES = 8 << 20  # most bytes one recv_into asks for: few calls, and checks that keep up with arrival
+CHECK_BLOCK_BYTES = 1 << 20  # the finite check runs on each MiB as it arrives, while it is in cache
 
 
 class Tickets:
@@ -77,26 +79,24 @@ class Tickets:
 
 
 class BufferPool:
-    """``slots`` reusable receive buffers; ``take`` waits (at most ``wait_s``) for a free one."""
+    """At most ``slots`` uploads are read at once (``take`` waits, at most ``wait_s``, for a turn), each into
+    a buffer nothing else refers to (protos/buffers.py; it grows to the largest upload and is reused). The
+    job may keep an upload's buffer (a round's first report, donated: coordinator/reference.py); it is then
+    out of use until the round lets go of it, and another buffer serves meanwhile. At most ``2 * slots``
+    buffers are kept for reuse."""
 
     def __init__(self, slots: int) -> None:
-        self._free: list[torch.Tensor] = [torch.empty(0, dtype=torch.uint8) for _ in range(slots)]
-        self._cond = threading.Condition()
+        self._turns = threading.BoundedSemaphore(slots)
+        self._buffers = ReusableBuffers(keep=2 * slots, keep_idle=True)
 
     @contextlib.contextmanager
     def take(self, nbytes: int, wait_s: float, what: str) -> Iterator[torch.Tensor]:
-        with self._cond:
-            if not self._cond.wait_for(lambda: bool(self._free), wait_s):
-                raise CoordinatorError("RESOURCE_EXHAUSTED", f"{what}: every receive buffer is busy; retry later")
-            buffer = self._free.pop()
-        if buffer.numel() < nbytes:
-            buffer = torch.empty(nbytes, dtype=torch.uint8)  # grows to the largest upload, then is reused
+        if not self._turns.acquire(timeout=wait_s):
+            raise CoordinatorError("RESOURCE_EXHAUSTED", f"{what}: every receive buffer is busy; retry later")
         try:
-            yield buffer[:nbytes]
+            yield self._buffers.take(nbytes, torch.uint8)
         finally:
-            with self._cond:
-                self._free.append(buffer)
-                self._cond.notify()
+            self._turns.release()
 
 
 class _Always:
@@ -263,29 +263,28 @@ class DataChannelServer:
         ):
             frames.send_frame(sock, frames.GO)
             sock.settimeout(idle_s)  # a stalled upload is dropped, and its buffer and budget with it
-            sq_norm, bad = self._receive(sock, raw, layout.wire_dtype)
+            bad = self._receive(sock, raw, layout.wire_dtype)
             metrics.EXCHANGE_BYTES.labels("up").inc(nbytes)
             if bad is not None:
                 raise CoordinatorError("INVALID_ARGUMENT", f"{what}: {bad}")
             mu = raw.view(layout.wire_dtype)
             if layout.wire_dtype != layout.dtype:  # compressed on the wire: widened like the codec does,
-                mu = self._widened.converted(mu, layout.dtype)  # into memory Job.report let go of (it keeps none)
-            reply = job.report(worker_id, up.round, mu.view(layout.shape), stats, sq_norm=sq_norm)
+                mu = self._widened.converted(mu, layout.dtype)  # into memory no round refers to any more
+            # donated: neither the pool nor the widening ring hands out a buffer a round still refers to
+            reply = job.report(worker_id, up.round, mu.view(layout.shape), stats, finite=True, donated=True)
         if reply is None:  # sync: wait for the others, holding no buffer
             reply = self._await_round(job, worker_id, up.round)
         return job, up.round, reply
 
     @staticmethod
-    def _receive(sock: socket.socket, raw: torch.Tensor, wire_dtype: torch.dtype) -> tuple[float | None, str | None]:
-        """Read the upload into ``raw``; returns its squared norm (None: not a float tensor, or float64 squares
-        that overflowed) and, for a non-finite value, what is wrong. Each block is checked as soon as it has
-        arrived (while in cache, and overlapping the sender). A bad upload is still read to its end, so the
-        connection stays in step."""
+    def _receive(sock: socket.socket, raw: torch.Tensor, wire_dtype: torch.dtype) -> str | None:
+        """Read the upload into ``raw``; returns what is wrong when a value is NaN or Inf. Each block is checked
+        as soon as it has arrived (while in cache, and overlapping the sender). A bad upload is still read to
+        its end, so the connection stays in step."""
         view = raw.numpy().data
         values = raw.view(wire_dtype)
         size, item = len(view), wire_dtype.itemsize
-        block = SQ_NORM_BLOCK * item
-        total: float | None = 0.0 if wire_dtype.is_floating_point else None
+        block = CHECK_BLOCK_BYTES // item * item
         bad: str | None = None
         got = checked = 0
         while got < size:
@@ -294,23 +293,15 @@ class DataChannelServer:
                 raise frames.FrameError(f"the worker closed the connection after {got} of {size} bytes")
             got += n
             ready = got if got == size else got // block * block
-            if total is None or bad is not None or ready <= checked:
+            if bad is not None or ready <= checked:
                 continue
             span = values[checked // item : ready // item]
-            for index, part in enumerate(block_squared_norms(span)):
-                if math.isfinite(part):
-                    total += part
-                    continue
-                chunk = span[index * SQ_NORM_BLOCK : (index + 1) * SQ_NORM_BLOCK]
-                finite = torch.isfinite(chunk)
-                if bool(finite.all()):  # huge float64 values: Job.report checks them itself
-                    total = None
-                    break
-                first = checked // item + index * SQ_NORM_BLOCK + int((~finite).nonzero()[0, 0])
-                bad = f"NaN or Inf at flat index {first} ({int((~finite).sum())} in its block of {chunk.numel()})"
-                break
+            if count_nonfinite(span) > 0:
+                nonfinite = ~torch.isfinite(span)
+                first = checked // item + int(nonfinite.nonzero()[0, 0])
+                bad = f"NaN or Inf at flat index {first} ({int(nonfinite.sum())} in its block of {span.numel()})"
             checked = ready
-        return total, bad
+        return bad
 
     def _await_round(self, job: Job, worker_id: str, round: int) -> ExchangeReply:
         """The closed round's reply, without waiting for its round state to reach the disk (``_commit`` does)."""

@@ -17,7 +17,6 @@ update never changes the center or the model. Events (rounds, evals, checkpoints
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 from collections.abc import Callable
@@ -25,7 +24,6 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from coordinator.checkpoint import (
@@ -47,7 +45,7 @@ from coordinator.job_files import EXPORT_FILE, JobFiles
 from coordinator.job_records import ClosedRound, JobState, Member
 from coordinator.logtext import capped
 from coordinator.model_gather import ModelGather
-from coordinator.reference import SyncMean, easgd_center_step_, squared_norm
+from coordinator.reference import SyncMean, count_nonfinite, easgd_center_step_
 from coordinator.replica_check import check_replica_state
 from coordinator.round_state import RoundState
 from coordinator.rounds import CloseRound, Decision, GangOpened, SyncRounds, Wait, async_round_closes, lapsed
@@ -193,10 +191,9 @@ class Job:
                 "FAILED_PRECONDITION", f"job {self.job_id} is {self.state.value}: {self.message}".rstrip(": ")
             )
 
-    def _check_tensor(self, mu: Tensor, what: str = "coupled average", sq_norm: float | None = None) -> float | None:
-        """Raise INVALID_ARGUMENT for a tensor that may not reach the center; returns ``squared_norm(mu)`` (its
-        pass is the finite check; ``sq_norm``: the caller computed it as the bytes arrived), or None when
-        that overflowed for finite float64 values."""
+    def _check_tensor(self, mu: Tensor, what: str = "coupled average", *, finite: bool = False) -> None:
+        """Raise INVALID_ARGUMENT for a tensor that may not reach the center (``finite``: the caller has
+        checked every value finite already, as the bytes arrived)."""
         if mu.dim() != 1 or not mu.is_floating_point():
             raise CoordinatorError(
                 "INVALID_ARGUMENT",
@@ -207,12 +204,8 @@ class Job:
                 "INVALID_ARGUMENT",
                 f"{what} has {mu.numel()} elements, the center has {self.center.numel()}",
             )
-        sq = squared_norm(mu) if sq_norm is None else sq_norm
-        if math.isfinite(sq):
-            return sq
-        if not bool(torch.isfinite(mu).all()):
+        if not finite and count_nonfinite(mu) > 0:
             raise CoordinatorError("INVALID_ARGUMENT", f"{what} contains NaN or Inf")
-        return None
 
     def _values(self, k: int) -> RoundValues:
         if self.schedule is None:
@@ -460,16 +453,24 @@ class Job:
         return early if early is not None else self.await_round(worker_id, round, timeout)
 
     def report(
-        self, worker_id: str, round: int, mu: Tensor, stats: RoundStats, *, sq_norm: float | None = None
+        self,
+        worker_id: str,
+        round: int,
+        mu: Tensor,
+        stats: RoundStats,
+        *,
+        finite: bool = False,
+        donated: bool = False,
     ) -> ExchangeReply | None:
         """Validate and add a coupled average (async: the replica's x after its local step); the caller may
-        drop ``mu`` afterwards (the sum keeps no reference to it), so waiting workers hold no model-sized
-        memory. Async rounds reply at once. ``sq_norm``: ``squared_norm(mu)``, from a caller that computed it
-        (and so checked ``mu`` finite) while receiving it."""
+        drop ``mu`` afterwards, so waiting workers hold no model-sized memory. Async rounds reply at once.
+        ``finite``: the caller has checked every value finite (the data channel does, as the bytes arrive).
+        ``donated``: the caller will never write ``mu``'s memory again, so the round may keep it instead of
+        copying it (a round's first report: reference.py's ``SyncMean``)."""
         with self._cond:
             self._require_running()
             member = self._member(worker_id)
-            sq_norm = self._check_tensor(mu, sq_norm=sq_norm)
+            self._check_tensor(mu, finite=finite)
             if stats.train_size > 0:
                 self._learn_train_size(stats.train_size, f"replica {member.replica}")
             elif self.schedule is None:
@@ -488,7 +489,7 @@ class Job:
                 raise CoordinatorError(
                     "FAILED_PRECONDITION", f"{what} round {round}: job {self.job_id} is in round {self.round}"
                 )
-            self._sum.add(mu, sq_norm)
+            self._sum.add(mu, donated=donated)
             self._stats.append(stats)
             self._apply(self._rounds.report(worker_id, time.monotonic()))
             return None

@@ -8,62 +8,52 @@ resumed runs reproduce uninterrupted ones bit for bit.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
 import torch
 from torch import Tensor
 
+from coordinator import sum_kernels
 from protos.buffers import ReusableBuffers
 
-# Elements per block of ``squared_norm`` (1 MiB of float32). The norm is the sum of the blocks' norms in
-# order, so the data channel, which checks the blocks as they arrive, computes the same value as gRPC's path.
-SQ_NORM_BLOCK = 1 << 18
-# Blocks per numpy call: few calls (each gives up and retakes the GIL, which on a busy machine means
-# waiting for a core).
-_BLOCKS_PER_CALL = 8
+# Elements per block of the mean's pass (1 MiB of float32): each block of the sum is divided into the mean
+# and squared while it is in cache.
+_MEAN_BLOCK = 1 << 18
 
 
-def squared_norm(t: Tensor) -> float:
-    """||t||^2 in float64; NaN or Inf when ``t`` holds a non-finite value (float32/16 squares cannot overflow
-    float64, so for them the sum is finite exactly when every value is): one pass that is also the finite
-    check."""
-    return sum(block_squared_norms(t.detach().reshape(-1)))
+def _numpy_has(*tensors: Tensor) -> bool:
+    """numpy can work on these tensors' memory (CPU, a dtype numpy has: not bfloat16)."""
+    return all(t.device.type == "cpu" and t.dtype != torch.bfloat16 for t in tensors)
 
 
-def block_squared_norms(flat: Tensor) -> list[float]:
-    """||block||^2 of each ``SQ_NORM_BLOCK``-element block of a flat CPU tensor, accumulated in float64, in
-    the calling thread: numpy, whose loops need no thread team (on a loaded machine, waking one for every
-    block costs more than the arithmetic); torch for bfloat16, which numpy lacks."""
-    if flat.dtype == torch.bfloat16 or flat.device.type != "cpu":
-        return [
-            float(torch.linalg.vector_norm(flat[i : i + SQ_NORM_BLOCK], dtype=torch.float64)) ** 2
-            for i in range(0, flat.numel(), SQ_NORM_BLOCK)
-        ]
-    # einsum widens to float64 in small buffered pieces: no model-sized temporary (fresh memory costs page
-    # faults that, on a VM, take longer than the arithmetic).
-    values, out = flat.numpy(), []
-    full = values.size // SQ_NORM_BLOCK
-    for row in range(0, full, _BLOCKS_PER_CALL):
-        rows = values[row * SQ_NORM_BLOCK : min(row + _BLOCKS_PER_CALL, full) * SQ_NORM_BLOCK].reshape(
-            -1, SQ_NORM_BLOCK
-        )
-        out.extend(np.einsum("ij,ij->i", rows, rows, dtype=np.float64).tolist())
-    if values.size > full * SQ_NORM_BLOCK:
-        tail = values[full * SQ_NORM_BLOCK :]
-        out.append(float(np.einsum("i,i->", tail, tail, dtype=np.float64)))
-    return out
+def count_nonfinite(t: Tensor) -> int:
+    """How many values of a float tensor are NaN or Inf: one pass over their bits (sum_kernels.py)."""
+    flat = t.detach().reshape(-1)
+    if _numpy_has(flat):
+        return sum_kernels.count_nonfinite(flat.numpy())
+    return int((~torch.isfinite(flat)).sum())
+
+
+def _squared_norm(flat: Tensor) -> float:
+    return float(torch.linalg.vector_norm(flat, dtype=torch.float64)) ** 2
 
 
 class SyncMean:
-    """xbar_next = mean of the reported coupled averages, plus their spread around it.
+    """xbar_next = mean of the reported coupled averages, plus their spread around it. Reports must be finite
+    (the job checks them before they get here).
 
     The float64 sum's buffer is kept after ``finish`` and reused by the next round (``reset``), and the mean
     is written into a buffer of ``ReusableBuffers`` that no earlier round's holder uses any more: a fresh
-    model-sized allocation every round costs page faults comparable to moving the bytes."""
+    model-sized allocation every round costs page faults comparable to moving the bytes. Each pass over a
+    report also squares it (sum_kernels.py), for the spread.
+
+    A *donated* first report (the caller hands its memory over and never writes it again, e.g. a buffer just
+    received from the network) is kept as it is, not copied: if it stays the round's only report it is the
+    mean itself (x / 1 is x, so bit for bit what the division would give); the second report is added to it
+    into the float64 sum in one pass, where copying the first would have cost a pass of its own."""
 
     def __init__(self) -> None:
         self._sum: Tensor | None = None
+        self._first: Tensor | None = None  # a donated first report, not yet added into ``_sum``
         self._spare: Tensor | None = None
         self._sq_norms = 0.0
         self._dtype = torch.float32
@@ -74,55 +64,79 @@ class SyncMean:
         """Start a new round, keeping the sum's buffer."""
         if self._sum is not None:
             self._spare = self._sum
-        self._sum, self._sq_norms, self.count = None, 0.0, 0
+        self._sum, self._first, self._sq_norms, self.count = None, None, 0.0, 0
 
-    def add(self, mu: Tensor, sq_norm: float | None = None) -> None:
-        """Add ``mu`` (``sq_norm``: its ``squared_norm`` when the caller has it already). The float32 ->
+    def add(self, mu: Tensor, *, donated: bool = False) -> None:
+        """Add ``mu`` (``donated``: the caller gives up ``mu``'s memory, which may then be kept). The float32 ->
         float64 widening happens inside the add, so no float64 copy of ``mu`` is made."""
         flat = mu.detach().reshape(-1)
-        if self._sum is None:
-            spare, self._spare = self._spare, None
-            fits = spare is not None and spare.numel() == flat.numel()
-            self._sum = spare if spare is not None and fits else torch.empty(flat.numel(), dtype=torch.float64)
+        if self.count == 0:
             self._dtype = mu.dtype
-            _elementwise(np.copyto, self._sum, flat, lambda: self._sum.copy_(flat))  # type: ignore[union-attr]
+            if donated:
+                self._first = flat  # squared only if a second report comes
+            else:
+                self._sum = self._sum_buffer(flat.numel())
+                self._sq_norms += self._copy(self._sum, flat)
+        elif self._first is not None:
+            first, self._first = self._first, None
+            self._sum = self._sum_buffer(flat.numel())
+            self._sq_norms += sum(self._add_pair(self._sum, first, flat))
         else:
-            total = self._sum
-            _elementwise(lambda out, x: np.add(out, x, out=out), total, flat, lambda: total.add_(flat))
-        self._sq_norms += squared_norm(flat) if sq_norm is None else sq_norm
+            assert self._sum is not None
+            self._sq_norms += self._add(self._sum, flat)
         self.count += 1
+
+    @staticmethod
+    def _copy(total: Tensor, flat: Tensor) -> float:
+        if _numpy_has(total, flat):
+            return sum_kernels.copy(total.numpy(), flat.numpy())
+        total.copy_(flat)
+        return _squared_norm(flat)
+
+    @staticmethod
+    def _add(total: Tensor, flat: Tensor) -> float:
+        if _numpy_has(total, flat):
+            return sum_kernels.add(total.numpy(), flat.numpy())
+        total.add_(flat)
+        return _squared_norm(flat)
+
+    @staticmethod
+    def _add_pair(total: Tensor, first: Tensor, flat: Tensor) -> tuple[float, float]:
+        if _numpy_has(total, first, flat):
+            return sum_kernels.add_pair(total.numpy(), first.numpy(), flat.numpy())
+        total.copy_(first).add_(flat)
+        return _squared_norm(first), _squared_norm(flat)
+
+    def _sum_buffer(self, numel: int) -> Tensor:
+        spare, self._spare = self._spare, None
+        if spare is not None and spare.numel() == numel:
+            return spare
+        return torch.empty(numel, dtype=torch.float64)
 
     def finish(self) -> tuple[Tensor, float]:
         """The mean (in the reports' dtype) and the consensus distance: the RMS distance of the coupled
         averages to their mean, sqrt(mean ||mu_a||^2 - ||mean||^2). Consumes the sum (``reset`` reuses its
         buffer)."""
-        if self._sum is None or self.count == 0:
+        if self.count == 0:
             raise ValueError("no coupled averages were reported for this round")
+        if self._first is not None:  # one donated report: it is the mean, at distance 0 from itself
+            mean, self._first = self._first, None
+            return mean, 0.0
+        assert self._sum is not None
         total, count = self._sum, self.count
         mean = self._means.take(total.numel(), self._dtype)
-        if self._dtype == torch.bfloat16:
+        if not _numpy_has(mean):
             torch.div(total, count, out=mean)
-            total_sq = squared_norm(total)
-        else:  # one pass: each block of the sum is divided into the narrower mean and squared while in cache
+            total_sq = _squared_norm(total)
+        else:  # each block of the sum is divided into the narrower mean and squared while in cache
             t, m, total_sq = total.numpy(), mean.numpy(), 0.0
-            for i in range(0, t.size, SQ_NORM_BLOCK):
-                block = t[i : i + SQ_NORM_BLOCK]
-                np.divide(block, count, out=m[i : i + SQ_NORM_BLOCK], casting="same_kind")
-                total_sq += float(np.dot(block, block))  # float64 BLAS: a fifth of einsum's time
+            for i in range(0, t.size, _MEAN_BLOCK):
+                block = t[i : i + _MEAN_BLOCK]
+                sum_kernels.divide(block, count, m[i : i + _MEAN_BLOCK])
+                total_sq += float(np.dot(block, block))  # float64 BLAS: a seventh of the divide's time
         spread = self._sq_norms / count - total_sq / count**2
         self._spare, self._sum = total, None
         return mean, max(spread, 0.0) ** 0.5
-
-
-def _elementwise(
-    numpy_op: Callable[[np.ndarray, np.ndarray], object], out: Tensor, x: Tensor, torch_op: Callable[[], object]
-) -> None:
-    """``numpy_op(out, x)`` on the tensors' memory when numpy has their dtypes (one loop in the calling thread:
-    torch would wake its thread team for every call, which stalls on a loaded machine), else ``torch_op``."""
-    if torch.bfloat16 in (out.dtype, x.dtype) or out.device.type != "cpu" or x.device.type != "cpu":
-        torch_op()
-    else:
-        numpy_op(out.numpy(), x.numpy())
 
 
 def easgd_center_step_(center: Tensor, x: Tensor, alpha: float) -> Tensor:

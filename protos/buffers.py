@@ -48,12 +48,17 @@ class ReusableBuffers:
     """At most ``keep`` buffers; ``take`` returns an unreferenced one of the right size and dtype, else a
     new one (which replaces the oldest buffer when the ring is full: that one lives on, and is freed, with
     its holders). Free buffers that ``take`` does not hand out are let go: in a steady state of rounds the
-    ring holds the buffers still in use and the one being handed out, nothing idle."""
+    ring holds the buffers still in use and the one being handed out, nothing idle.
 
-    def __init__(self, keep: int = 4) -> None:
+    ``keep_idle``: free buffers stay in the ring instead, and the smallest free buffer at least as large
+    serves a take (as a view of its start): for buffers that jobs of different sizes share, like the data
+    channel's receive buffers, which would otherwise be let go and faulted in again at every switch."""
+
+    def __init__(self, keep: int = 4, *, keep_idle: bool = False) -> None:
         if keep < 1:
             raise ValueError(f"keep must be at least 1, got {keep}")
         self.keep = keep
+        self.keep_idle = keep_idle
         self._ring: list[tuple[Tensor, int]] = []  # (buffer, its storage's users when nobody else holds it)
         self._lock = threading.Lock()  # threads that take at once never get the same buffer
 
@@ -62,22 +67,22 @@ class ReusableBuffers:
         if _USE_COUNT is None:
             return torch.empty(numel, dtype=dtype)
         with self._lock:
-            chosen: Tensor | None = None
-            ring: list[tuple[Tensor, int]] = []
-            for base, alone in self._ring:
-                if _storage_users(base) != alone:
-                    ring.append((base, alone))  # busy: kept for when its holders let go
-                elif chosen is None and base.numel() == numel and base.dtype == dtype:
-                    chosen = base
-                    ring.append((base, alone))
-                # else free and not needed now: let go, so that idle memory is at most the buffer in use
+            free = [base for base, alone in self._ring if _storage_users(base) == alone]
+            idle = {id(base) for base in free}
+            fits = [
+                base
+                for base in free
+                if base.dtype == dtype and (base.numel() == numel or (self.keep_idle and base.numel() > numel))
+            ]
+            chosen = min(fits, key=lambda base: base.numel()) if fits else None
+            if not self.keep_idle:  # let go of free buffers not needed now: idle memory is the one handed out
+                self._ring = [(base, alone) for base, alone in self._ring if base is chosen or id(base) not in idle]
             if chosen is None:
                 chosen = torch.empty(numel, dtype=dtype)
-                if len(ring) >= self.keep:
-                    ring.pop(0)
-                ring.append((chosen, _storage_users(chosen)))
-            self._ring = ring
-            return chosen.view(-1)  # a new view: while it (or anything made from it) lives, it is busy
+                if len(self._ring) >= self.keep:
+                    self._ring.pop(0)
+                self._ring.append((chosen, _storage_users(chosen)))
+            return chosen[:numel]  # a new view: while it (or anything made from it) lives, it is busy
 
     def converted(self, x: Tensor, dtype: torch.dtype) -> Tensor:
         """``x.to(dtype)`` (a CPU tensor, e.g. fp16 off the wire widened to float32) in a taken buffer. torch

@@ -271,6 +271,30 @@ def test_sync_mean_is_the_mean_and_order_free() -> None:
     assert distance == pytest.approx(spread, rel=1e-6)
 
 
+def test_a_donated_first_report_is_the_mean_alone_and_otherwise_added_like_any_other() -> None:
+    g = torch.Generator().manual_seed(1)
+    mus = [torch.randn(1001, generator=g) for _ in range(4)]  # an odd length: the kernels' tails too
+    alone = SyncMean()
+    alone.add(mus[0], donated=True)
+    mean, distance = alone.finish()
+    assert mean.data_ptr() == mus[0].data_ptr() and distance == 0.0  # kept, not copied
+    originals = [mu.clone() for mu in mus]
+    for n in (2, 3, 4):
+        donated, copied = SyncMean(), SyncMean()
+        first = mus[0].clone()
+        donated.add(first, donated=True)
+        copied.add(mus[0])
+        for mu in mus[1:n]:
+            donated.add(mu)
+            copied.add(mu)
+        (a, distance_a), (b, distance_b) = donated.finish(), copied.finish()
+        assert torch.equal(a, b) and distance_a == pytest.approx(distance_b, rel=1e-12)
+        spread = (torch.stack(mus[:n]).double() - torch.stack(mus[:n]).double().mean(0)).pow(2).sum(1).mean()
+        assert distance_a == pytest.approx(math.sqrt(float(spread)), rel=1e-9)
+        assert torch.equal(first, mus[0]) and a.data_ptr() != first.data_ptr()  # the sum is its own memory
+    assert all(torch.equal(mu, original) for mu, original in zip(mus, originals))  # no report was written to
+
+
 def test_schedule_scoping_caps_and_lr_drops() -> None:
     spec = resolve(
         {

@@ -54,3 +54,18 @@ def test_a_mean_that_is_still_held_is_never_overwritten_by_a_later_round() -> No
             means.append((k, mean))  # a holder: a reply in flight, the round state writer, a checkpoint...
     assert [float(m[0]) for _, m in means] == [0.0, 2.0, 4.0]
     assert all(bool((m == k).all()) for k, m in means)
+
+
+def test_keep_idle_keeps_free_buffers_and_serves_smaller_takes_from_larger_ones() -> None:
+    ring = ReusableBuffers(keep=4, keep_idle=True)
+    big, small = ring.take(1000, torch.uint8), ring.take(100, torch.uint8)
+    big_ptr, small_ptr = big.data_ptr(), small.data_ptr()
+    del big, small
+    assert ring.take(100, torch.uint8).data_ptr() == small_ptr  # the smallest that fits
+    held = ring.take(50, torch.uint8)  # both free: again the smallest
+    assert held.data_ptr() == small_ptr and held.numel() == 50
+    other = ring.take(100, torch.uint8)  # the small one is busy: the big one serves, as a view of its start
+    assert other.data_ptr() == big_ptr and other.numel() == 100
+    assert len(ring) == 2  # nothing let go, nothing new
+    del other
+    assert ring.take(1000, torch.uint8).data_ptr() == big_ptr

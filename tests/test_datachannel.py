@@ -226,6 +226,24 @@ def test_references_a_caller_keeps_never_change_and_memory_it_let_go_of_is_reuse
         assert a.data_exchanges == 10
 
 
+def test_an_upload_kept_as_the_center_is_never_overwritten_by_a_later_upload(server: CoordinatorServer) -> None:
+    """With one replica the upload's receive buffer becomes the round's mean (donated, not copied): the
+    pool must not read the next upload into it while the center, a reply or the round state holds it."""
+    job = server.manager.job(server.manager.submit(small_spec(replicas=1)))
+    with GrpcTransport(server.address, TOKEN, job_id=job.job_id, timeout_s=30) as a:
+        a.join("w", "cpu")
+        centers = []
+        for k in range(8):
+            a.exchange(k, torch.full((SIZE,), float(k)), STATS)
+            assert job.center is not None
+            if k % 2 == 0:
+                centers.append((k, job.center))  # held, like a checkpoint or a slow reply would
+        assert a.data_exchanges == 8
+    assert [float(center[0]) for _, center in centers] == [0.0, 2.0, 4.0, 6.0]
+    assert all(bool((center == k).all()) for k, center in centers)
+    assert len({center.data_ptr() for _, center in centers}) == 4
+
+
 def hold_round_state_saves(monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, threading.Event]:
     """Round-state writes (on the job's writer) wait for ``release``; ``saving`` is set when one starts."""
     from coordinator import job_files, round_state
