@@ -52,7 +52,15 @@ def _compile() -> _Kernels | None:
     except ImportError as e:  # numba is a dependency; without it numpy does the same work, slower
         log.warning("numba is not importable (%s): the center's sums fall back to numpy, about 3x slower", e)
         return None
-    jit = numba.njit(nogil=True, fastmath=False, error_model="numpy", boundscheck=False, cache=True)
+
+    def jit(kernel: Any, cache: bool = True) -> Any:
+        """Cached on disk: compiled once per machine (about 0.8 s for all), then loaded (0.3 s)."""
+        try:
+            return numba.njit(kernel, cache=cache, nogil=True, error_model="numpy", boundscheck=False)
+        except RuntimeError:  # numba found no writable place for its cache (read-only install, no home)
+            if not cache:
+                raise
+            return jit(kernel, cache=False)
 
     @jit
     def count_nonfinite(bits: np.ndarray, exponent: Any) -> int:  # pragma: no cover - compiled

@@ -292,7 +292,7 @@ def test_a_donated_first_report_is_the_mean_alone_and_otherwise_added_like_any_o
         spread = (torch.stack(mus[:n]).double() - torch.stack(mus[:n]).double().mean(0)).pow(2).sum(1).mean()
         assert distance_a == pytest.approx(math.sqrt(float(spread)), rel=1e-9)
         assert torch.equal(first, mus[0]) and a.data_ptr() != first.data_ptr()  # the sum is its own memory
-    assert all(torch.equal(mu, original) for mu, original in zip(mus, originals))  # no report was written to
+    assert all(torch.equal(mu, kept) for mu, kept in zip(mus, originals, strict=True))  # no report was written to
 
 
 def test_schedule_scoping_caps_and_lr_drops() -> None:

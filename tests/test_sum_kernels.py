@@ -23,7 +23,7 @@ def test_compiled_sums_and_means_equal_numpy_bit_for_bit(dtype: type, monkeypatc
     compiled = passes()
     monkeypatch.setattr(sum_kernels, "_kernels", [None])
     plain = passes()
-    for x, y in zip(compiled[0], plain[0]):
+    for x, y in zip(compiled[0], plain[0], strict=True):
         assert np.array_equal(x, y)
     exact = [float(np.sum(a.astype(np.float64) ** 2)), float(np.sum(b.astype(np.float64) ** 2))]
     assert compiled[1] == pytest.approx([exact[0], exact[1], exact[0], exact[1]], rel=1e-12)
@@ -47,3 +47,14 @@ def test_the_finite_check_counts_nan_and_inf_and_nothing_else(
     payload = np.zeros(1, dtype=dtype)
     payload.view(np.uint8)[:] = 0xFF  # every bit set: a NaN with a payload
     assert sum_kernels.count_nonfinite(payload) == 1
+
+
+def test_the_kernels_compile_where_numba_has_nowhere_to_cache_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A read-only install with no home directory: numba refuses cache=True; the kernels compile uncached."""
+    from numba.core import caching
+
+    monkeypatch.setattr(caching.CacheImpl, "_locator_classes", [])  # no place numba may write its cache
+    monkeypatch.setattr(sum_kernels, "_kernels", [])  # compile afresh
+    values = np.arange(10, dtype=np.float32)
+    assert sum_kernels._kernel(values) is not None
+    assert sum_kernels.copy(np.empty(10), values) == float(np.sum(values.astype(np.float64) ** 2))
