@@ -48,7 +48,7 @@ from coordinator.service import JobManager
 from protos import frames
 from protos import parle_pb2 as pb
 from protos.buffers import ReusableBuffers, narrowed_wire_view
-from protos.codec import CodecError, CodecTooLarge, TensorSpec, check_headers
+from protos.codec import CodecError, CodecTooLarge, TensorSpec, WireLayout, check_headers
 from protos.messages import CoordinatorError, ExchangeReply, RoundStats
 from protos.wire import COMPRESSION, directives_to_pb, values_to_pb
 
@@ -97,6 +97,10 @@ class BufferPool:
             yield self._buffers.take(nbytes, torch.uint8)
         finally:
             self._turns.release()
+
+    def __len__(self) -> int:
+        """Buffers kept for reuse, free or in use."""
+        return len(self._buffers)
 
 
 class _Always:
@@ -253,10 +257,22 @@ class DataChannelServer:
         center = job.center
         expected = None if center is None else {up.tensors[0].name: TensorSpec.of(center)}
         what = f"coupled average from {worker_id}, round {up.round}"
-        budget, idle_s = self.limits.budget, self.limits.uploads.idle_s
-        layout = check_headers(up.tensors, expected=expected, max_total_bytes=budget.limit, context=what)[0]
+        limit = self.limits.budget.limit
+        layout = check_headers(up.tensors, expected=expected, max_total_bytes=limit, context=what)[0]
+        reply = self._receive_and_report(sock, job, up, layout, what)
+        if reply is None:  # sync: wait for the others, holding no buffer
+            reply = self._await_round(job, worker_id, up.round)
+        return job, up.round, reply
+
+    def _receive_and_report(
+        self, sock: socket.socket, job: Job, up: pb.ExchangeUpload, layout: WireLayout, what: str
+    ) -> ExchangeReply | None:
+        """GO, the upload's bytes into a pool buffer, then ``Job.report``. A function of its own so that its
+        references to the buffer end when it returns: a worker waiting for the round holds none (the pool
+        would otherwise find the buffer in use and read the next upload into a new one)."""
         stats = RoundStats(up.train_loss, up.inner_steps, up.samples, up.chain_seconds, up.train_size)
         nbytes = up.tensors[0].total_bytes
+        budget, idle_s = self.limits.budget, self.limits.uploads.idle_s
         with (
             budget.hold(nbytes, what, idle_s, cast(grpc.ServicerContext, _Always())),
             self._pool.take(nbytes, idle_s, what) as raw,
@@ -271,10 +287,7 @@ class DataChannelServer:
             if layout.wire_dtype != layout.dtype:  # compressed on the wire: widened like the codec does,
                 mu = self._widened.converted(mu, layout.dtype)  # into memory no round refers to any more
             # donated: neither the pool nor the widening ring hands out a buffer a round still refers to
-            reply = job.report(worker_id, up.round, mu.view(layout.shape), stats, finite=True, donated=True)
-        if reply is None:  # sync: wait for the others, holding no buffer
-            reply = self._await_round(job, worker_id, up.round)
-        return job, up.round, reply
+            return job.report(up.worker_id, up.round, mu.view(layout.shape), stats, finite=True, donated=True)
 
     @staticmethod
     def _receive(sock: socket.socket, raw: torch.Tensor, wire_dtype: torch.dtype) -> str | None:

@@ -10,6 +10,7 @@ import logging
 import socket
 import struct
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ import torch
 from test_grpc_security import make_ca, make_server_cert
 from transport_suite import STATS, in_threads, small_spec
 
+from coordinator import metrics
 from coordinator.job import Job
 from coordinator.server import CoordinatorServer
 from protos import frames
@@ -242,6 +244,28 @@ def test_an_upload_kept_as_the_center_is_never_overwritten_by_a_later_upload(ser
     assert [float(center[0]) for _, center in centers] == [0.0, 2.0, 4.0, 6.0]
     assert all(bool((center == k).all()) for k, center in centers)
     assert len({center.data_ptr() for _, center in centers}) == 4
+
+
+def test_workers_waiting_for_the_round_hold_no_receive_buffer(server: CoordinatorServer) -> None:
+    """Three of four members upload, one after the other, and wait for the fourth: the first upload is kept
+    (the round's sum starts from it), the others' buffers are free again once added, so the pool holds two
+    buffers, not one per waiting worker."""
+    assert server.data is not None
+    uploaded = metrics.EXCHANGE_BYTES.labels("up")
+    with members(server, 4) as (_, transports):
+        waiting = []
+        for i, t in enumerate(transports[:3]):
+            before = uploaded._value.get()
+            waiting.append(threading.Thread(target=t.exchange, args=(0, torch.full((SIZE,), float(i)), STATS)))
+            waiting[-1].start()
+            deadline = time.monotonic() + 30
+            while uploaded._value.get() < before + 4 * SIZE and time.monotonic() < deadline:
+                time.sleep(0.005)
+        assert all(w.is_alive() for w in waiting) and len(server.data._pool) == 2
+        reply = transports[3].exchange(0, torch.full((SIZE,), 6.0), STATS)
+        for w in waiting:
+            w.join(30)
+        assert torch.equal(reply.reference, torch.full((SIZE,), 2.25))
 
 
 def hold_round_state_saves(monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, threading.Event]:
