@@ -232,7 +232,9 @@ def measure(target: Target, grpc_echo: GrpcEcho, size: int, repeats: int, compre
 
 def breakdown(size: int, repeats: int, state_dir: Path) -> dict[str, float]:
     """Median seconds of the CPU work one exchange does besides moving bytes: encode (chunk copies),
-    decode (assembly + finite check, as the server does it) and ``Job.report`` for one replica."""
+    decode (assembly + finite check, as the server does it) and ``Job.report`` for one replica, not donated:
+    the report is copied into the float64 sum and the mean divided out of it, the work a round's later reports
+    cost (a donated first report that stays alone is kept as the mean, at almost no cost)."""
     mu = torch.randn(size // 4)
 
     def encode() -> list[pb.TensorChunk]:

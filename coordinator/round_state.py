@@ -137,7 +137,8 @@ _WRITE_BYTES = 2 << 20
 
 def _sync_file_range() -> Callable[[int, int, int], None] | None:
     """Linux's ``sync_file_range(fd, offset, n, SYNC_FILE_RANGE_WRITE)`` (start writing back, do not wait),
-    which Python's os module lacks; None elsewhere (then the fsync alone writes everything)."""
+    which Python's os module lacks; None elsewhere (then the fsync alone writes everything). Its result is
+    not checked: it only starts work early, and the fsync that follows reports any error of the write."""
     if not sys.platform.startswith("linux"):
         return None
     try:

@@ -146,7 +146,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                 chunks = full_chunks(up.tensors, messages, what)
                 tensors = receive_tensors(up.tensors, chunks, expected=expected, context=what)
                 expect_end(chunks, what)  # NaN/Inf: Job.report checks, once
-                reply = job.report(up.worker_id, up.round, tensors.popitem()[1], stats, donated=True)  # fresh memory
+                # donated: decoded into fresh memory that nothing else refers to, so the round may keep it
+                reply = job.report(up.worker_id, up.round, tensors.popitem()[1], stats, donated=True)
         metrics.EXCHANGE_BYTES.labels("up").inc(wire_bytes(up.tensors))
         if reply is None:
             worker_id, round_ = up.worker_id, up.round
