@@ -76,28 +76,26 @@ class SyncMean:
                 self._first = flat  # squared only if a second report comes
             else:
                 self._sum = self._sum_buffer(flat.numel())
-                self._sq_norms += self._copy(self._sum, flat)
+                self._sq_norms += self._into_sum(self._sum, flat, add=False)
         elif self._first is not None:
             first, self._first = self._first, None
             self._sum = self._sum_buffer(flat.numel())
             self._sq_norms += sum(self._add_pair(self._sum, first, flat))
         else:
             assert self._sum is not None
-            self._sq_norms += self._add(self._sum, flat)
+            self._sq_norms += self._into_sum(self._sum, flat, add=True)
         self.count += 1
 
     @staticmethod
-    def _copy(total: Tensor, flat: Tensor) -> float:
+    def _into_sum(total: Tensor, flat: Tensor, *, add: bool) -> float:
+        """``total += flat`` (``add``) or ``total[:] = flat``; returns ||flat||^2."""
         if _numpy_has(total, flat):
-            return sum_kernels.copy(total.numpy(), flat.numpy())
-        total.copy_(flat)
-        return _squared_norm(flat)
-
-    @staticmethod
-    def _add(total: Tensor, flat: Tensor) -> float:
-        if _numpy_has(total, flat):
-            return sum_kernels.add(total.numpy(), flat.numpy())
-        total.add_(flat)
+            into = sum_kernels.add if add else sum_kernels.copy
+            return into(total.numpy(), flat.numpy())
+        if add:
+            total.add_(flat)
+        else:
+            total.copy_(flat)
         return _squared_norm(flat)
 
     @staticmethod
