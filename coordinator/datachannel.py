@@ -306,8 +306,8 @@ class DataChannelServer:
                 raise frames.FrameError(f"the worker closed the connection after {got} of {size} bytes")
             got += n
             ready = got if got == size else got // block * block
-            if bad is not None or ready <= checked:
-                continue
+            if bad is not None or ready <= checked or not wire_dtype.is_floating_point:
+                continue  # (a tensor that is not float is refused by Job.report, unread)
             span = values[checked // item : ready // item]
             if count_nonfinite(span) > 0:
                 nonfinite = ~torch.isfinite(span)

@@ -8,10 +8,10 @@
 
 Why not numpy: on the 2-vCPU VM the exchange is measured on, numpy's mixed-dtype loops go through its
 buffered casting machinery: ``float64 += float32`` takes 2.0 ms per 8 MiB where this loop, squaring as it
-adds, takes 0.9, and the divide into float32 1.7 ms against 0.7. The squared norms keep four float64 partial sums, which LLVM
-keeps in one vector register. The finite check on bits takes 0.11 ms per 8 MiB of float32, where a float64
-squared norm (the check before) took 0.6 and numpy's einsum 2.0; it runs as each block of an upload
-arrives, so it is on every exchange's critical path.
+adds, takes 0.9, and the divide into float32 1.7 ms against 0.7. The squared norms keep four float64
+partial sums, which LLVM keeps in one vector register. The finite check on bits takes 0.11 ms per 8 MiB of
+float32, where a float64 squared norm (the check before) took 0.6 and numpy's einsum 2.0; it runs as each
+block of an upload arrives, so it is on every exchange's critical path.
 
 Exactness: the sum and the mean are the same bits as numpy's (IEEE adds and divides, element by element).
 The norms' partial sums add in another order than numpy's, so the two differ in the last bits; the norms

@@ -207,6 +207,17 @@ def test_bad_uploads_are_refused_and_the_center_is_untouched(server: Coordinator
         assert a.data_exchanges == 2 + len(cases)
 
 
+def test_an_upload_that_is_not_float_is_refused_before_the_job_knows_its_center(server: CoordinatorServer) -> None:
+    with members(server, 2) as (job, (a, b)):
+        assert job.center is None  # nothing to check the dtype against yet: Job.report refuses it
+        with pytest.raises(CoordinatorError) as info:
+            a.exchange(0, torch.ones(SIZE, dtype=torch.int32), STATS)
+        assert info.value.code == "INVALID_ARGUMENT" and "must be a flat float tensor" in str(info.value)
+        assert a.data is not None and a.data_exchanges == 1  # the connection stayed in step
+        replies = exchange_all([a, b], 0, [1.0, 3.0])
+        assert torch.equal(replies[0].reference, torch.full((SIZE,), 2.0))
+
+
 @pytest.mark.parametrize("compression", ["none", "fp16"])
 def test_references_a_caller_keeps_never_change_and_memory_it_let_go_of_is_reused(
     server: CoordinatorServer, compression: str
