@@ -37,6 +37,7 @@ import yaml
 
 from bench.common import tensor_job
 from cluster.client import Endpoint, JobsClient
+from cluster.processes import reap
 from protos.messages import RoundStats
 from worker.transports.grpc import GrpcTransport
 
@@ -77,12 +78,7 @@ def coordinator(
                 raise RuntimeError(f"coordinator did not start: {line!r}" + (f" (log: {log})" if log else ""))
             yield Coordinator(proc, line.rsplit(" ", 1)[1].strip())
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            reap([proc], grace_s=30)
 
 
 def job_yaml(workers: int) -> str:

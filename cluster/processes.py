@@ -11,7 +11,9 @@ import os
 import secrets
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from cluster.local import replica_device, visible_gpus
 from coordinator.job import JobState, Listener
@@ -41,8 +43,8 @@ def worker_options(spec: JobSpec, workers: int, device_count: int, threads: int)
     ]
 
 
-def reap(procs: list[subprocess.Popen[bytes]], grace_s: float = 10.0) -> None:
-    """Terminate, wait, then kill whatever is left: no orphan workers."""
+def reap(procs: Sequence[subprocess.Popen[Any]], grace_s: float = 10.0) -> None:
+    """Terminate, wait (``grace_s`` each), then kill whatever is left, in the given order: no orphans."""
     for proc in procs:
         if proc.poll() is None:
             proc.terminate()

@@ -307,7 +307,7 @@ class DataChannelServer:
             got += n
             ready = got if got == size else got // block * block
             if bad is not None or ready <= checked or not wire_dtype.is_floating_point:
-                continue  # (a tensor that is not float is refused by Job.report, unread)
+                continue  # (a tensor that is not float is read, unchecked, and refused by Job.report)
             span = values[checked // item : ready // item]
             if count_nonfinite(span) > 0:
                 nonfinite = ~torch.isfinite(span)

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from cluster.client import Endpoint, JobsClient
-from cluster.processes import worker_options
+from cluster.processes import reap, worker_options
 from protos import parle_pb2 as pb
 from protos.spec import resolve
 from worker.workloads.errors import WorkloadError
@@ -93,15 +93,7 @@ def start(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[s
 def procs() -> Iterator[list[subprocess.Popen[str]]]:
     started: list[subprocess.Popen[str]] = []
     yield started
-    for proc in started:
-        if proc.poll() is None:
-            proc.terminate()
-    for proc in started:
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    reap(started, grace_s=15)
 
 
 def wait_terminal(client: JobsClient, job_id: str, timeout: float) -> pb.JobInfo:
